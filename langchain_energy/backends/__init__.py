@@ -1,0 +1,1 @@
+"""Serving backends: how one prompt becomes one completion on a particular server."""
