@@ -1,0 +1,171 @@
+"""Pick the best source for each component: measured counters where they exist, a labelled estimate otherwise."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from langchain_energy.errors import ConfigError, MeterError
+from langchain_energy.meters.base import Clock, Meter, Reading, component_group, default_clock
+from langchain_energy.meters.estimated import EstimatedMeter, PowerModel
+from langchain_energy.meters.zeus_meter import ZeusMeter
+
+Source = Literal["auto", "zeus", "estimated", "off"]
+_SOURCES = ("auto", "zeus", "estimated", "off")
+
+
+class CompositeMeter:
+    """Several meters read as one; each component comes from exactly one of them.
+
+    Args:
+        meters: the meters; a component reported by more than one is taken from the first that has it.
+        clock: the shared time source (all meters must use it).
+
+    Example:
+        >>> from langchain_energy.meters.replay import ReplayMeter
+        >>> from langchain_energy.meters.base import ManualClock
+        >>> clock = ManualClock()
+        >>> m = CompositeMeter([ReplayMeter({"gpu:0": [(0.0, 50.0)]}, clock=clock, provenance="measured:nvml"),
+        ...                     ReplayMeter({"cpu": [(0.0, 10.0)]}, clock=clock)], clock=clock)
+        >>> m.components()
+        {'gpu:0': 'measured:nvml', 'cpu': 'estimated:replay'}
+    """
+
+    def __init__(self, meters: list[Meter], clock: Clock = default_clock) -> None:
+        self.clock = clock
+        self.meters = list(meters)
+        self._owner: dict[str, int] = {}
+        self._prov: dict[str, str] = {}
+        for idx, meter in enumerate(self.meters):
+            for key, prov in meter.components().items():
+                if key not in self._owner:
+                    self._owner[key] = idx
+                    self._prov[key] = prov
+
+    def components(self) -> dict[str, str]:
+        """Component key -> provenance, across all meters."""
+        return dict(self._prov)
+
+    def read(self) -> Reading:
+        """Read every meter once and keep each component from its owner."""
+        t = self.clock()
+        energy: dict[str, float] = {}
+        util: dict[int, float] = {}
+        power: dict[int, float] = {}
+        for idx, meter in enumerate(self.meters):
+            r = meter.read()
+            for key, joules in r.energy_j.items():
+                if self._owner.get(key) == idx:
+                    energy[key] = joules
+            util.update(r.gpu_util)
+            power.update(r.gpu_power_w)
+        return Reading(t=t, energy_j=energy, gpu_util=util, gpu_power_w=power)
+
+    def idle_power_w(self) -> dict[str, float] | None:
+        """Idle watts per component where every owning meter knows its own (estimates do)."""
+        out: dict[str, float] = {}
+        for key, idx in self._owner.items():
+            fn = getattr(self.meters[idx], "idle_power_w", None)
+            known = fn() if fn else {}
+            if key not in known:
+                return None
+            out[key] = known[key]
+        return out
+
+    def describe(self) -> dict[str, object]:
+        """Merged descriptions plus the chosen source per component."""
+        out: dict[str, object] = {"provenance": self.components()}
+        for meter in self.meters:
+            out.update(meter.describe())
+        return out
+
+    def close(self) -> None:
+        """Close every meter."""
+        for meter in self.meters:
+            meter.close()
+
+
+def auto_meter(
+    cpu: Source = "auto",
+    dram: Source = "auto",
+    gpu: Source = "auto",
+    power_model: PowerModel | None = None,
+    gpu_indices: list[int] | None = None,
+    clock: Clock = default_clock,
+    zeus_meter: ZeusMeter | None = None,
+) -> CompositeMeter:
+    """Build the best meter this machine allows, per component, or the sources the user forces.
+
+    ``"auto"`` takes Zeus's counter when the machine has one (NVML for GPUs, RAPL for CPU/DRAM), else the
+    ``estimated`` power model for CPU and DRAM, and leaves GPUs out (they are reported ``unavailable``).
+    ``"zeus"`` insists on a measured counter and raises `MeterError` when there is none; ``"estimated"``
+    forces the model; ``"off"`` leaves the component out.
+
+    Args:
+        cpu: source for CPU package energy.
+        dram: source for DRAM energy.
+        gpu: source for GPU energy (``"estimated"`` is not offered: no model of GPU power is good enough).
+        power_model: parameters of the estimate.
+        gpu_indices: GPUs to meter; all visible by default.
+        clock: the shared time source.
+        zeus_meter: an existing Zeus meter to draw measured components from (tests pass one over a double).
+
+    Example:
+        >>> meter = auto_meter(cpu="estimated", dram="off", gpu="off")
+        >>> meter.components()
+        {'cpu': 'estimated:linear-tdp'}
+    """
+    for name, src in (("cpu", cpu), ("dram", dram), ("gpu", gpu)):
+        if src not in _SOURCES:
+            raise ConfigError(f"meter source for {name} must be one of {_SOURCES}, got {src!r}")
+    if gpu == "estimated":
+        raise ConfigError("GPU energy cannot be estimated here; use gpu='zeus', 'auto' or 'off'")
+    wants_zeus = {"cpu": cpu in ("auto", "zeus"), "dram": dram in ("auto", "zeus"), "gpu": gpu in ("auto", "zeus")}
+    zm: ZeusMeter | None = zeus_meter
+    if zm is None and (wants_zeus["gpu"] or wants_zeus["cpu"] or wants_zeus["dram"]):
+        zm = ZeusMeter(gpu_indices=gpu_indices, cpu=wants_zeus["cpu"] or wants_zeus["dram"],
+                       gpu=wants_zeus["gpu"], clock=clock)
+    measured = zm.components() if zm is not None else {}
+    have = {component_group(k) for k in measured}
+    for name, src in (("cpu", cpu), ("dram", dram), ("gpu", gpu)):
+        if src == "zeus" and name not in have:
+            raise MeterError(
+                f"{name} energy was forced to come from Zeus, but this machine has no "
+                f"{'NVML GPU energy counter' if name == 'gpu' else 'readable RAPL counter'}; "
+                f"use {name}='auto' or '{'off' if name == 'gpu' else 'estimated'}'"
+            )
+    keep = {
+        k: p for k, p in measured.items()
+        if {"cpu": cpu, "dram": dram, "gpu": gpu}[component_group(k)] in ("auto", "zeus")
+    }
+    meters: list[Meter] = []
+    if zm is not None and keep:
+        meters.append(_Subset(zm, keep))
+    est = tuple(
+        name for name, src in (("cpu", cpu), ("dram", dram))
+        if src == "estimated" or (src == "auto" and name not in have)
+    )
+    if est:
+        meters.append(EstimatedMeter(power_model, components=est, clock=clock))
+    return CompositeMeter(meters, clock=clock)
+
+
+class _Subset:
+    """A view of a meter restricted to some of its components."""
+
+    def __init__(self, meter: Meter, keep: Mapping[str, str]) -> None:
+        self.meter, self.keep, self.clock = meter, dict(keep), meter.clock
+
+    def components(self) -> dict[str, str]:
+        return dict(self.keep)
+
+    def read(self) -> Reading:
+        r = self.meter.read()
+        return Reading(t=r.t, energy_j={k: v for k, v in r.energy_j.items() if k in self.keep},
+                       gpu_util=r.gpu_util, gpu_power_w=r.gpu_power_w)
+
+    def describe(self) -> dict[str, object]:
+        return self.meter.describe()
+
+    def close(self) -> None:
+        self.meter.close()

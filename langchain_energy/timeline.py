@@ -1,0 +1,249 @@
+"""One background sampler per meter: a bounded, thread-safe record of cumulative joules over time.
+
+The timeline stores *cumulative* joules per component at each sample. Energy between two instants is the
+difference of the (linearly interpolated) cumulative values, so any sub-sampling keeps every joule: when the
+buffer is full, every other interior sample is dropped, halving the resolution of old data but never its
+total. Several handlers share one timeline; `acquire`/`release` count them, and the sampler thread runs
+while the count is positive.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from langchain_energy.errors import ConfigError
+from langchain_energy.meters.base import Clock, Meter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Samples:
+    """A consistent copy of the timeline: times and cumulative joules per component (same length)."""
+
+    t: list[float]
+    energy_j: dict[str, list[float]]
+    gpu_util: dict[int, list[float]]
+
+    def cumulative_at(self, t: float) -> dict[str, float]:
+        """Cumulative joules per component at instant `t`, interpolated; clamped outside the samples."""
+        return {k: interpolate(self.t, v, t) for k, v in self.energy_j.items()}
+
+
+def interpolate(ts: list[float], ys: list[float], t: float) -> float:
+    """Piecewise-linear value of the series (ts, ys) at t, held constant beyond both ends.
+
+    Example:
+        >>> interpolate([0.0, 2.0], [0.0, 10.0], 0.5)
+        2.5
+    """
+    if not ts:
+        return 0.0
+    if t <= ts[0]:
+        return ys[0]
+    if t >= ts[-1]:
+        return ys[-1]
+    i = bisect.bisect_right(ts, t)
+    t0, t1 = ts[i - 1], ts[i]
+    if t1 == t0:
+        return ys[i]
+    return ys[i - 1] + (ys[i] - ys[i - 1]) * (t - t0) / (t1 - t0)
+
+
+class Timeline:
+    """Samples a meter in a background thread at a fixed interval and answers energy questions.
+
+    Args:
+        meter: the source of cumulative joules; its clock is the timeline's clock.
+        interval_s: seconds between samples (0.1 = 10 Hz).
+        max_samples: bound on stored samples; older ones are thinned when it is reached.
+
+    Example:
+        ```python
+        tl = Timeline(auto_meter(), interval_s=0.1)
+        tl.acquire()          # starts the sampler
+        t0 = tl.clock(); work(); t1 = tl.clock()
+        tl.sample_now()
+        tl.energy_between(t0, t1)   # {"cpu": 1.9, "dram": 0.8}
+        tl.release()          # stops it when no one else holds it
+        ```
+    """
+
+    def __init__(self, meter: Meter, interval_s: float = 0.1, max_samples: int = 20_000) -> None:
+        if not interval_s > 0:
+            raise ConfigError(f"sample interval must be positive seconds, got {interval_s!r}")
+        if max_samples < 4:
+            raise ConfigError(f"max_samples must be at least 4, got {max_samples}")
+        self.meter = meter
+        self.clock: Clock = meter.clock
+        self.interval_s = float(interval_s)
+        self.max_samples = int(max_samples)
+        self.provenance: dict[str, str] = meter.components()
+        self._t: list[float] = []
+        self._e: dict[str, list[float]] = {k: [] for k in self.provenance}
+        self._util: dict[int, list[float]] = {}
+        self._data_lock = threading.Lock()
+        self._ctl_lock = threading.Lock()
+        self._refs = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.errors = 0
+        self.last_error: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Register one user; the first starts the sampler thread (after taking a first sample)."""
+        with self._ctl_lock:
+            self._refs += 1
+            if self._refs == 1:
+                self.sample_now()
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._run, name="energy-timeline", daemon=True)
+                self._thread.start()
+
+    def release(self) -> None:
+        """Unregister one user; the last stops the sampler, after a final sample."""
+        with self._ctl_lock:
+            if self._refs == 0:
+                return
+            self._refs -= 1
+            if self._refs == 0:
+                self._stop.set()
+                thread, self._thread = self._thread, None
+                if thread is not None and thread is not threading.current_thread():
+                    thread.join(timeout=max(5 * self.interval_s, 1.0))
+                self.sample_now()
+
+    @property
+    def running(self) -> bool:
+        """Whether the sampler thread is alive."""
+        t = self._thread
+        return t is not None and t.is_alive()
+
+    @property
+    def users(self) -> int:
+        """How many holders keep the sampler running."""
+        return self._refs
+
+    def _run(self) -> None:
+        # Event.wait paces the loop and wakes immediately on stop, so stop never waits a full interval.
+        while not self._stop.wait(self.interval_s):
+            self.sample_now()
+
+    # -- sampling ----------------------------------------------------------------------------------------
+    def sample_now(self) -> None:
+        """Take one sample immediately (handlers call this at run boundaries for sharp edges)."""
+        try:
+            r = self.meter.read()
+        except Exception as exc:  # a failing meter must not kill the sampler or the user's chain
+            self.errors += 1
+            self.last_error = repr(exc)
+            if self.errors == 1:
+                logger.warning("energy meter read failed (further failures counted silently): %s", exc)
+            return
+        with self._data_lock:
+            if self._t and r.t < self._t[-1]:
+                return  # a reading raced a later one: keep time monotone
+            if self._t and r.t == self._t[-1]:
+                for k in self._e:
+                    self._e[k][-1] = float(r.energy_j.get(k, self._e[k][-1]))
+                return
+            self._t.append(r.t)
+            for k, series in self._e.items():
+                series.append(float(r.energy_j.get(k, series[-1] if series else 0.0)))
+            n = len(self._t)
+            for i, series in self._util.items():
+                series.append(float(r.gpu_util.get(i, series[-1] if series else float("nan"))))
+            for i, u in r.gpu_util.items():
+                if i not in self._util:
+                    self._util[i] = [float("nan")] * (n - 1) + [float(u)]
+            if n > self.max_samples:
+                self._thin()
+
+    def _thin(self) -> None:
+        # Keep the first and last samples and every other one between: cumulative values make this lossless
+        # in joules, it only coarsens where within an interval those joules were spent.
+        keep = list(range(0, len(self._t) - 1, 2)) + [len(self._t) - 1]
+        self._t = [self._t[i] for i in keep]
+        self._e = {k: [v[i] for i in keep] for k, v in self._e.items()}
+        self._util = {k: [v[i] for i in keep] for k, v in self._util.items()}
+
+    # -- queries -----------------------------------------------------------------------------------------
+    def snapshot(self) -> Samples:
+        """A consistent copy of the stored samples."""
+        with self._data_lock:
+            return Samples(
+                t=list(self._t),
+                energy_j={k: list(v) for k, v in self._e.items()},
+                gpu_util={k: list(v) for k, v in self._util.items()},
+            )
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+    def energy_between(self, t0: float, t1: float) -> dict[str, float]:
+        """Joules per component between two instants, interpolating between samples."""
+        if t1 < t0:
+            raise ConfigError(f"energy_between needs t0 <= t1, got {t0} > {t1}")
+        with self._data_lock:
+            return {k: interpolate(self._t, v, t1) - interpolate(self._t, v, t0) for k, v in self._e.items()}
+
+    def mean_gpu_util(self, t0: float, t1: float) -> dict[int, float]:
+        """Mean reported GPU utilization (percent) of samples within [t0, t1], per GPU."""
+        with self._data_lock:
+            lo, hi = bisect.bisect_left(self._t, t0), bisect.bisect_right(self._t, t1)
+            out = {}
+            for i, series in self._util.items():
+                vals = [u for u in series[lo:hi] if u == u]
+                if vals:
+                    out[i] = sum(vals) / len(vals)
+            return out
+
+
+# One timeline per meter object per process: handlers built with the same meter share one sampler.
+_registry: "weakref.WeakKeyDictionary[object, Timeline]" = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
+_default_meter: Meter | None = None
+
+
+def default_meter() -> Meter:
+    """The process-wide automatic meter (built once, on first use)."""
+    global _default_meter
+    with _registry_lock:
+        if _default_meter is None:
+            from langchain_energy.meters.composite import auto_meter
+
+            _default_meter = auto_meter()
+        return _default_meter
+
+
+def shared_timeline(meter: Meter | None = None, interval_s: float = 0.1) -> Timeline:
+    """The timeline sampling `meter` (the default meter when None), created on first request.
+
+    The first request fixes the interval; a later one asking for a different interval gets the existing
+    timeline (one sampler per meter), and the difference is logged.
+    """
+    meter = meter if meter is not None else default_meter()
+    with _registry_lock:
+        tl = _registry.get(meter)
+        if tl is None:
+            tl = Timeline(meter, interval_s=interval_s)
+            _registry[meter] = tl
+        elif tl.interval_s != interval_s:
+            logger.info("timeline already samples every %.3fs; ignoring request for %.3fs", tl.interval_s, interval_s)
+        return tl
+
+
+def provenance_by_group(provenance: Mapping[str, str]) -> dict[str, str]:
+    """Collapse component provenance to the record groups cpu/gpu/dram (distinct labels joined by '+')."""
+    from langchain_energy.meters.base import COMPONENTS, UNAVAILABLE, component_group
+
+    out: dict[str, set[str]] = {g: set() for g in COMPONENTS}
+    for key, prov in provenance.items():
+        out.setdefault(component_group(key), set()).add(prov)
+    return {g: "+".join(sorted(p)) if p else UNAVAILABLE for g, p in out.items()}
