@@ -262,6 +262,8 @@ class ParrotSession:
         self.probe_interval = probe_interval
         self.closed = False
         self._probe: SemanticVar | None = None
+        self._probe_lock = asyncio.Lock()
+        self._last_probe = 0.0
         self._call_count = 0
 
     async def __aenter__(self) -> ParrotSession:
@@ -368,8 +370,10 @@ class ParrotSession:
         _check_criteria(criteria)
         if self.closed:
             raise ParrotError(f"Parrot session {self.session_id} is closed; open a new one")
-        if self.probe_interval > 0 and self._probe is None:
-            self._probe = await self.variable("_liveness", "")
+        if self.probe_interval > 0:
+            async with self._probe_lock:
+                if self._probe is None:
+                    self._probe = await self.variable("_liveness", "")
         body = {**self._auth(), "criteria": criteria}
         started = time.monotonic()
         fetch = asyncio.ensure_future(
@@ -380,8 +384,7 @@ class ParrotSession:
                 done, _ = await asyncio.wait({fetch}, timeout=self.probe_interval if self.probe_interval > 0 else None)
                 if fetch in done:
                     break
-                # Still waiting: a cheap get of a ready variable tells whether ServeCore still has the session.
-                await self.client.request("GET", f"/semantic_var/{self._probe.var_id}", body, op="check the session")
+                await self._check_alive(body)
             data = fetch.result()
         except _Timeout as exc:
             await self.close()
@@ -409,6 +412,17 @@ class ParrotSession:
             await self.close()
             raise ParrotError(f"ServeCore's answer to get variable {var.name!r} has no content: {data}")
         return str(data["content"])
+
+    async def _check_alive(self, body: dict) -> None:
+        """A get of a ready variable answers at once, or fails if ServeCore no longer has the session.
+
+        Concurrent gets share one check per ``probe_interval``.
+        """
+        async with self._probe_lock:
+            if time.monotonic() - self._last_probe < self.probe_interval or self._probe is None:
+                return
+            self._last_probe = time.monotonic()
+            await self.client.request("GET", f"/semantic_var/{self._probe.var_id}", body, op="check the session")
 
     async def close(self) -> None:
         """Remove the session from ServeCore (best effort; idempotent)."""
@@ -504,7 +518,7 @@ class ParrotBackend:
         model: the engine's model name (ServeCore routes the call to engines serving it).
         tokenizer: the served model's tokenizer or model directory (None: resolved from ``model``).
         criteria: performance criterion of the blocking get: "latency" or "throughput".
-        request_timeout: seconds a call may wait for its output.
+        request_timeout_s: seconds a call may wait for its output.
         connect_timeout: seconds to wait for a connection.
 
     Example:
@@ -518,7 +532,7 @@ class ParrotBackend:
     model: str
     tokenizer: Any = None
     criteria: str = "latency"
-    request_timeout: float = 600.0
+    request_timeout_s: float = 600.0
     connect_timeout: float = 5.0
     transport: httpx.AsyncBaseTransport | None = field(default=None, repr=False)
 
@@ -528,7 +542,7 @@ class ParrotBackend:
             raise ConfigError("ParrotBackend needs the engine's model name")
         self.model_name = self.model
         self._client = ParrotClient(
-            self.base_url, connect_timeout=self.connect_timeout, request_timeout=min(60.0, self.request_timeout), transport=self.transport
+            self.base_url, connect_timeout=self.connect_timeout, request_timeout=min(60.0, self.request_timeout_s), transport=self.transport
         )
         self._counter: TokenCounter | None = None
         self._session: ParrotSession | None = None
@@ -554,7 +568,7 @@ class ParrotBackend:
         started = time.perf_counter()
         session = await self._open()
         out = await session.submit(template, inputs=inputs, output="output", params=params, models=[self.model], func_name="complete")
-        text = await session.get(out, self.criteria, timeout=self.request_timeout)
+        text = await session.get(out, self.criteria, timeout=self.request_timeout_s)
         latency = time.perf_counter() - started
         completion_tokens = counter.count(text)
         return Completion(
