@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -101,6 +100,7 @@ class Timeline:
         with self._ctl_lock:
             self._refs += 1
             if self._refs == 1:
+                _remember(self)
                 self.sample_now()
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name="energy-timeline", daemon=True)
@@ -118,6 +118,7 @@ class Timeline:
                 if thread is not None and thread is not threading.current_thread():
                     thread.join(timeout=max(5 * self.interval_s, 1.0))
                 self.sample_now()
+                _forget(self)
 
     @property
     def running(self) -> bool:
@@ -205,8 +206,9 @@ class Timeline:
             return out
 
 
-# One timeline per meter object per process: handlers built with the same meter share one sampler.
-_registry: "weakref.WeakKeyDictionary[object, Timeline]" = weakref.WeakKeyDictionary()
+# One timeline per meter object per process: handlers built with the same meter share one sampler. An entry
+# lives while some handler holds the timeline (it holds the meter, so the id cannot be reused meanwhile).
+_registry: dict[int, Timeline] = {}
 _registry_lock = threading.Lock()
 _default_meter: Meter | None = None
 
@@ -230,13 +232,24 @@ def shared_timeline(meter: Meter | None = None, interval_s: float = 0.1) -> Time
     """
     meter = meter if meter is not None else default_meter()
     with _registry_lock:
-        tl = _registry.get(meter)
+        tl = _registry.get(id(meter))
         if tl is None:
             tl = Timeline(meter, interval_s=interval_s)
-            _registry[meter] = tl
+            _registry[id(meter)] = tl
         elif tl.interval_s != interval_s:
             logger.info("timeline already samples every %.3fs; ignoring request for %.3fs", tl.interval_s, interval_s)
         return tl
+
+
+def _remember(tl: Timeline) -> None:
+    with _registry_lock:
+        _registry.setdefault(id(tl.meter), tl)
+
+
+def _forget(tl: Timeline) -> None:
+    with _registry_lock:
+        if _registry.get(id(tl.meter)) is tl:
+            del _registry[id(tl.meter)]
 
 
 def provenance_by_group(provenance: Mapping[str, str]) -> dict[str, str]:

@@ -39,9 +39,9 @@ class PowerModel:
         dram_gib: installed memory in GiB; None reads it from the machine.
 
     Example:
-        >>> m = PowerModel(cpu_tdp_w=100.0, idle_fraction=0.2, dram_gib=16.0)
+        >>> m = PowerModel(cpu_tdp_w=100.0, idle_fraction=0.25, dram_gib=16.0)
         >>> m.cpu_power_w(0.5), m.dram_power_w()
-        (60.0, 6.0)
+        (62.5, 6.0)
     """
 
     name: str = "linear-tdp"

@@ -1,0 +1,290 @@
+"""Share a device-wide energy timeline among overlapping runs, conserving every joule.
+
+The rule: cut time at every sample and every run boundary (start, first token, end). Each piece's energy
+(from interpolated cumulative joules) goes to
+
+1. the LLM calls active during it, in equal shares or weighted by their token rates; else
+2. the innermost non-call runs active during it (chains, graph nodes: the workflow's idle/orchestration
+   time), in equal shares; else
+3. nobody: it is reported as ``outside``.
+
+Hence the conservation law checked by the tests: for any overlap pattern,
+``sum(call joules) + sum(orchestration joules) + outside == metered total``, and a run's inclusive energy is
+its own share plus its descendants'. A call's share is split into prefill (before its first token) and
+decode (after) when the first-token time is known. Everything here is a pure function of its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from langchain_energy.errors import ConfigError
+
+Weighting = Literal["equal", "tokens"]
+Energy = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Span:
+    """A run's interval on the timeline.
+
+    Attributes:
+        run_id: any hashable id.
+        t_start: start instant (the timeline's clock).
+        t_end: end instant (>= t_start).
+        is_call: True for LLM/chat-model calls, which take energy first.
+        parent_id: the enclosing run's id, or None for a root.
+        t_first_token: first-token instant of a call, when known (splits prefill from decode).
+        prefill_weight: the call's weight before its first token (token weighting only).
+        decode_weight: its weight after the first token; None reuses `prefill_weight`.
+    """
+
+    run_id: Hashable
+    t_start: float
+    t_end: float
+    is_call: bool = True
+    parent_id: Hashable | None = None
+    t_first_token: float | None = None
+    prefill_weight: float = 1.0
+    decode_weight: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.t_start) and math.isfinite(self.t_end)) or self.t_end < self.t_start:
+            raise ConfigError(f"span {self.run_id!r} needs finite t_start <= t_end, got {self.t_start}, {self.t_end}")
+        if self.prefill_weight < 0 or (self.decode_weight is not None and self.decode_weight < 0):
+            raise ConfigError(f"span {self.run_id!r} has a negative weight")
+
+
+@dataclass
+class Attribution:
+    """The result of `attribute`.
+
+    Attributes:
+        total: metered joules per component over the window.
+        direct: joules each run received itself (calls: their share; others: idle/orchestration share).
+        prefill: per call with a known first token, the joules before it.
+        decode: per call with a known first token, the joules after it.
+        outside: joules in pieces where no run was active.
+        window: the (t0, t1) that was attributed.
+    """
+
+    total: Energy
+    direct: dict[Hashable, Energy]
+    prefill: dict[Hashable, Energy]
+    decode: dict[Hashable, Energy]
+    outside: Energy
+    window: tuple[float, float]
+    components: tuple[str, ...] = field(default_factory=tuple)
+
+    def calls_total(self, spans: Iterable[Span]) -> Energy:
+        """Sum of the calls' shares per component."""
+        return _sum_energies([self.direct[s.run_id] for s in spans if s.is_call], self.components)
+
+    def inclusive(self, spans: Sequence[Span]) -> dict[Hashable, Energy]:
+        """Each run's own share plus all its descendants' (a chain = its calls + its idle share)."""
+        by_id = {s.run_id: s for s in spans}
+        zero = {c: 0.0 for c in self.components}
+        out = {rid: dict(self.direct.get(rid, zero)) for rid in by_id}
+        for s in spans:
+            own = self.direct.get(s.run_id, zero)
+            p, seen = s.parent_id, {s.run_id}
+            while p is not None and p in by_id and p not in seen:  # 'seen' guards against a cyclic parent map
+                seen.add(p)
+                tgt = out[p]
+                for c, j in own.items():
+                    tgt[c] = tgt.get(c, 0.0) + j
+                p = by_id[p].parent_id
+        return out
+
+
+def _sum_energies(items: Iterable[Mapping[str, float]], components: Sequence[str]) -> Energy:
+    return {c: math.fsum(e.get(c, 0.0) for e in items) for c in components}
+
+
+def token_rate_weights(
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    t_start: float,
+    t_end: float,
+    t_first_token: float | None = None,
+    cached_tokens: int | None = None,
+) -> tuple[float, float | None]:
+    """Token-rate weights of one call: (prefill, decode) tokens per second, for ``weighting="tokens"``.
+
+    A call that processes more tokens per second while it overlaps others gets a larger share. Prompt tokens
+    served from the prefix cache are not computed, so they do not count toward prefill. Unknown counts give 0,
+    which falls back to equal shares when every active call has weight 0.
+
+    Example:
+        >>> token_rate_weights(100, 50, 0.0, 2.0, t_first_token=1.0)
+        (100.0, 50.0)
+    """
+    p = max((prompt_tokens or 0) - (cached_tokens or 0), 0)
+    c = completion_tokens or 0
+    dur = t_end - t_start
+    if t_first_token is None or not t_start <= t_first_token <= t_end:
+        return ((p + c) / dur if dur > 0 else 0.0), None
+    pre, dec = t_first_token - t_start, t_end - t_first_token
+    return (p / pre if pre > 0 else 0.0), (c / dec if dec > 0 else 0.0)
+
+
+def attribute(
+    times: Sequence[float],
+    cumulative: Mapping[str, Sequence[float]],
+    spans: Sequence[Span],
+    window: tuple[float, float] | None = None,
+    weighting: Weighting = "equal",
+) -> Attribution:
+    """Share the energy of a cumulative-joules timeline among runs (see the module docstring for the rule).
+
+    Args:
+        times: sample instants, strictly increasing.
+        cumulative: component -> cumulative joules at each sample (interpolated linearly between samples,
+            held constant beyond both ends).
+        spans: the runs.
+        window: (t0, t1) to attribute; by default from the earliest span start to the latest span end.
+        weighting: ``"equal"`` shares or ``"tokens"`` (each call's `prefill_weight`/`decode_weight`).
+
+    Returns:
+        An `Attribution`; ``sum(direct) + outside == total`` per component.
+
+    Example:
+        >>> a = attribute([0.0, 10.0], {"cpu": [0.0, 100.0]},
+        ...               [Span("a", 0.0, 6.0), Span("b", 4.0, 8.0)])
+        >>> a.direct["a"]["cpu"], a.direct["b"]["cpu"], a.outside["cpu"]
+        (50.0, 30.0, 0.0)
+    """
+    if weighting not in ("equal", "tokens"):
+        raise ConfigError(f"weighting must be 'equal' or 'tokens', got {weighting!r}")
+    components = tuple(cumulative)
+    ts = np.asarray(times, dtype=float)
+    if any(len(v) != len(ts) for v in cumulative.values()):
+        raise ConfigError("every cumulative series must have one value per sample time")
+    if len(ts) > 1 and np.any(np.diff(ts) <= 0):
+        raise ConfigError("sample times must be strictly increasing")
+    if window is None:
+        if not spans:
+            t0 = t1 = float(ts[0]) if len(ts) else 0.0
+        else:
+            t0, t1 = min(s.t_start for s in spans), max(s.t_end for s in spans)
+    else:
+        t0, t1 = float(window[0]), float(window[1])
+    if t1 < t0:
+        raise ConfigError(f"window must have t0 <= t1, got {t0} > {t1}")
+
+    def clip(x: float) -> float:
+        return min(max(x, t0), t1)
+
+    # Cut points: the window, interior samples, and every run boundary inside the window.
+    cuts = {t0, t1}
+    cuts.update(float(t) for t in ts if t0 < t < t1)
+    for s in spans:
+        cuts.add(clip(s.t_start))
+        cuts.add(clip(s.t_end))
+        if s.t_first_token is not None:
+            cuts.add(clip(s.t_first_token))
+    grid = np.array(sorted(cuts))
+
+    # Cumulative joules at the cuts, relative to t0 so that values stay near the window's total (precision).
+    seg: dict[str, np.ndarray] = {}
+    total: Energy = {}
+    for c in components:
+        ys = np.asarray(cumulative[c], dtype=float)
+        if len(ts) == 0:
+            at = np.zeros_like(grid)
+        else:
+            at = np.interp(grid, ts, ys)
+        at = at - at[0]
+        seg[c] = np.diff(at)
+        total[c] = float(at[-1])
+
+    direct: dict[Hashable, Energy] = {s.run_id: {c: 0.0 for c in components} for s in spans}
+    prefill: dict[Hashable, Energy] = {
+        s.run_id: {c: 0.0 for c in components} for s in spans if s.is_call and s.t_first_token is not None
+    }
+    decode: dict[Hashable, Energy] = {k: {c: 0.0 for c in components} for k in prefill}
+    outside = {c: 0.0 for c in components}
+
+    by_id = {s.run_id: s for s in spans}
+    order = sorted(range(len(spans)), key=lambda i: clip(spans[i].t_start))
+    active: dict[Hashable, Span] = {}
+    nxt = 0
+    for k in range(len(grid) - 1):
+        a, b = grid[k], grid[k + 1]
+        while nxt < len(order) and clip(spans[order[nxt]].t_start) <= a:
+            s = spans[order[nxt]]
+            active[s.run_id] = s
+            nxt += 1
+        for rid in [rid for rid, s in active.items() if clip(s.t_end) <= a]:
+            del active[rid]
+        if b <= a:
+            continue
+        piece = {c: float(seg[c][k]) for c in components}
+        calls = [s for s in active.values() if s.is_call]
+        if calls:
+            weights = _weights(calls, a, weighting)
+            wsum = math.fsum(weights)
+            for s, w in zip(calls, weights):
+                share = w / wsum
+                tgt = direct[s.run_id]
+                phase = None
+                if s.run_id in prefill:
+                    phase = prefill[s.run_id] if a < s.t_first_token else decode[s.run_id]  # type: ignore[operator]
+                for c, e in piece.items():
+                    tgt[c] += e * share
+                    if phase is not None:
+                        phase[c] += e * share
+            continue
+        inner = _innermost(active, by_id)
+        if inner:
+            share = 1.0 / len(inner)
+            for rid in inner:
+                tgt = direct[rid]
+                for c, e in piece.items():
+                    tgt[c] += e * share
+        else:
+            for c, e in piece.items():
+                outside[c] += e
+    return Attribution(total=total, direct=direct, prefill=prefill, decode=decode, outside=outside,
+                       window=(t0, t1), components=components)
+
+
+def _weights(calls: list[Span], a: float, weighting: Weighting) -> list[float]:
+    if weighting == "equal":
+        return [1.0] * len(calls)
+    ws = []
+    for s in calls:
+        in_decode = s.t_first_token is not None and a >= s.t_first_token and s.decode_weight is not None
+        ws.append(s.decode_weight if in_decode else s.prefill_weight)  # type: ignore[arg-type]
+    if math.fsum(ws) <= 0:
+        return [1.0] * len(calls)
+    return ws
+
+
+def _innermost(active: Mapping[Hashable, Span], by_id: Mapping[Hashable, Span]) -> list[Hashable]:
+    """Active runs none of whose active descendants exist: the deepest open scopes."""
+    ancestors: set[Hashable] = set()
+    for s in active.values():
+        p, seen = s.parent_id, {s.run_id}
+        while p is not None and p in by_id and p not in seen:
+            seen.add(p)
+            ancestors.add(p)
+            p = by_id[p].parent_id
+    return [rid for rid in active if rid not in ancestors]
+
+
+def active_energy(total_j: float, duration_s: float, idle_power_w: float) -> float:
+    """Energy above an idle baseline: ``total - idle_power * duration``.
+
+    Example:
+        >>> active_energy(100.0, 10.0, 4.0)
+        60.0
+    """
+    if duration_s < 0 or idle_power_w < 0:
+        raise ConfigError("duration and idle power must be >= 0")
+    return total_j - idle_power_w * duration_s
