@@ -197,7 +197,7 @@ class ResultStore:
         >>> import tempfile
         >>> store = ResultStore(tempfile.mkdtemp())
         >>> store.init(SweepSpec(workloads=["search"], knobs={"output-len": [8]}, repeats=1))
-        >>> store.append(TrialRecord(key="k", workload="search", knob="output-len", value=8, repeat=0))
+        >>> _ = store.append(TrialRecord(key="k", workload="search", knob="output-len", value=8, repeat=0))
         >>> sorted(store.done_keys())
         ['k']
     """

@@ -1,0 +1,148 @@
+"""The results store: identity, atomic append, tidy loading, and 95% CI arithmetic."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from langchain_energy.errors import ConfigError, DataError
+from langchain_energy.results import (
+    ResultStore,
+    SweepMismatchError,
+    SweepSpec,
+    TrialRecord,
+    aggregate,
+    mean_ci,
+    t_quantile,
+    trial_key,
+    trial_metrics,
+)
+
+
+def _spec(**kw):
+    base = dict(workloads=["search"], knobs={"batch-size": [1, 2]}, repeats=3)
+    base.update(kw)
+    return SweepSpec(**base)
+
+
+def _rec(value, repeat, latency, energy, tokens=10, status="ok", reason=""):
+    summary = [] if status != "ok" else [
+        {"workflow": "search", "latency_s": latency, "energy_j": energy, "energy_cpu_j": energy,
+         "energy_gpu_j": 0.0, "energy_dram_j": None, "completion_tokens": tokens, "prompt_tokens": 100,
+         "cached_tokens": 40, "throughput_tok_s": 5.0, "provenance": "cpu=estimated:cpu-util"},
+    ]
+    return TrialRecord(key=trial_key("search", {"batch-size": value}, repeat), workload="search",
+                       knob="batch-size", value=value, repeat=repeat, status=status, reason=reason,
+                       assign={"batch-size": value}, settings={"batch_size": value, "backend": "vllm"},
+                       summary=summary, meta={"wall_s": latency})
+
+
+def test_ci_matches_hand_computation():
+    # values 10, 12, 14: mean 12, sample sd 2, t(0.975, 2) = 4.302653 -> half width 4.302653 * 2 / sqrt(3)
+    mean, half, n = mean_ci([10, 12, 14])
+    assert (mean, n) == (12, 3)
+    assert half == pytest.approx(4.302653 * 2 / math.sqrt(3), rel=1e-5)
+    assert t_quantile(9) == pytest.approx(2.262157, rel=1e-5)
+    assert math.isnan(mean_ci([5.0])[1])
+    assert mean_ci([float("nan")]) [2] == 0
+
+
+def test_t_table_fallback_close_to_scipy(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_scipy(name, *a, **k):
+        if name.startswith("scipy"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    assert t_quantile(2) == pytest.approx(4.303, abs=1e-3)
+    assert t_quantile(60) == pytest.approx(2.000, abs=0.01)
+
+
+def test_store_roundtrip_and_aggregate(tmp_path):
+    store = ResultStore(tmp_path / "r")
+    store.init(_spec())
+    for rep, (lat, en) in enumerate([(1.0, 10.0), (2.0, 20.0), (3.0, 30.0)]):
+        store.append(_rec(1, rep, lat, en))
+    for rep in range(3):
+        store.append(_rec(2, rep, 0, 0, status="infeasible", reason="KV cache too small"))
+    df = store.load()
+    assert len(df) == 6 and set(df["status"]) == {"ok", "infeasible"}
+    agg = store.aggregate().set_index("value")
+    assert agg.loc["1", "n"] == 3
+    assert agg.loc["1", "latency_s_mean"] == pytest.approx(2.0)
+    assert agg.loc["1", "latency_s_ci"] == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)
+    # energy per token = J / generated tokens; throughput = tokens / wall time
+    assert agg.loc["1", "energy_per_token_j_mean"] == pytest.approx(2.0)
+    assert agg.loc["1", "throughput_tok_s_mean"] == pytest.approx((10 + 5 + 10 / 3) / 3)
+    assert agg.loc["1", "cache_hit_rate_mean"] == pytest.approx(0.4)
+    assert agg.loc["2", "status"] == "infeasible" and agg.loc["2", "reason"] == "KV cache too small"
+    assert agg.loc["2", "n"] == 0 and math.isnan(agg.loc["2", "latency_s_mean"])
+
+
+def test_rerun_same_sweep_ok_different_sweep_refused(tmp_path):
+    store = ResultStore(tmp_path)
+    store.init(_spec())
+    store.append(_rec(1, 0, 1.0, 1.0))
+    store.init(_spec())  # same sweep: resume
+    before = (tmp_path / "sweep.json").read_text()
+    with pytest.raises(SweepMismatchError, match="repeats"):
+        store.init(_spec(repeats=4))
+    assert (tmp_path / "sweep.json").read_text() == before
+    assert store.done_keys() == {"search__batch-size=1__r000"}
+
+
+def test_append_only_and_temp_files_ignored(tmp_path):
+    store = ResultStore(tmp_path)
+    store.init(_spec())
+    store.append(_rec(1, 0, 1.0, 1.0))
+    with pytest.raises(DataError, match="append-only"):
+        store.append(_rec(1, 0, 9.0, 9.0))
+    # a write killed between mkstemp and rename leaves a dot-file that is not a trial
+    (tmp_path / "trials" / ".search__x.json.123.tmp").write_text("{partial")
+    assert len(store.records()) == 1 and store.records()[0].summary[0]["latency_s"] == 1.0
+
+
+def test_bad_specs_and_dirs(tmp_path):
+    with pytest.raises(ConfigError, match="empty"):
+        _spec(knobs={"batch-size": []})
+    with pytest.raises(ConfigError, match="repeats"):
+        _spec(repeats=0)
+    with pytest.raises(DataError, match="no sweep.json"):
+        ResultStore(tmp_path / "none").spec()
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        ResultStore(f).init(_spec())
+
+
+def test_nan_and_numpy_values_are_stored_as_json(tmp_path):
+    import numpy as np
+
+    store = ResultStore(tmp_path)
+    store.init(_spec())
+    rec = _rec(1, 0, 1.0, 1.0)
+    rec.summary[0]["energy_gpu_j"] = float("nan")
+    rec.summary[0]["latency_s"] = np.float64(1.5)
+    path = store.append(rec)
+    data = json.loads(path.read_text())
+    assert data["summary"][0]["energy_gpu_j"] is None and data["summary"][0]["latency_s"] == 1.5
+
+
+def test_aggregate_keeps_crossed_knob_apart():
+    recs = []
+    for backend, lat in (("vllm", 1.0), ("parrot", 3.0)):
+        for rep in range(2):
+            r = _rec(1, rep, lat + rep, 1.0)
+            r.assign["backend"] = backend
+            recs.append(r)
+    agg = aggregate(trial_metrics(recs), extra_keys=["backend"]).set_index("backend")
+    assert agg.loc["vllm", "latency_s_mean"] == pytest.approx(1.5)
+    assert agg.loc["parrot", "latency_s_mean"] == pytest.approx(3.5)
+    assert isinstance(agg, pd.DataFrame) and len(agg) == 2
