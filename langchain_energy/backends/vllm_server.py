@@ -293,17 +293,18 @@ class VLLMServer:
         with self._lock:
             process, self._process = self._process, None
             _LIVE_SERVERS.discard(self)
-            if process is None or process.poll() is not None:
+            if process is None:
                 return
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
+            if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5)
-            # Engine workers share the group; make sure none lingers after the API process is gone.
+                    os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(5)
+            # Engine workers share the group and may outlive a crashed API process: none may linger.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
 
