@@ -1,0 +1,106 @@
+"""Every figure renders from a small store written through the real store API; the CLI reports skips."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from matplotlib.image import imread
+
+from chains.plots_cli import main as plot_main
+from langchain_energy import plots
+from langchain_energy.results import ResultStore, SweepSpec, TrialRecord, trial_key
+
+
+def _trial(workload, knob, value, rep, backend="vllm", status="ok"):
+    assign = {knob: value, "backend": backend}
+    settings = {"backend": backend, "batch_size": value if knob == "batch-size" else 8}
+    rec = TrialRecord(key=trial_key(workload, assign, rep), workload=workload, knob=knob, value=value, repeat=rep,
+                      status=status, reason="" if status == "ok" else "KV cache too small", assign=assign,
+                      settings=settings)
+    if status != "ok":
+        return rec
+    scale = (1.5 if backend == "parrot" else 1.0) * (1 + 0.05 * rep)
+    v = float(value)
+    rec.summary = [{"workflow": workload, "latency_s": scale * (1 + v / 100), "completion_tokens": 10 * v,
+                    "prompt_tokens": 200, "cached_tokens": 20 * rep + v, "energy_j": scale * v,
+                    "energy_cpu_j": scale * v * 0.6, "energy_gpu_j": scale * v * 0.3,
+                    "energy_dram_j": scale * v * 0.1, "provenance": "cpu=estimated:cpu-util"}]
+    rec.meta = {"wall_s": scale * (1 + v / 100)}
+    rec.timeline = [{"t": t / 10, "cpu_util": 0.5 + 0.4 * math.sin(t) ** 2 / scale, "gpu_util": None}
+                    for t in range(12)]
+    return rec
+
+
+@pytest.fixture
+def store(tmp_path):
+    spec = SweepSpec(workloads=["search", "summarize"],
+                     knobs={"batch-size": [1, 2, 4, 16], "output-len": [8, 16], "input-len": [500, 1000],
+                            "power-cap": [150, 250]},
+                     across={"backend": ["vllm", "parrot"]}, repeats=3)
+    st = ResultStore(tmp_path / "res")
+    st.init(spec)
+    for w in spec.workloads:
+        for backend in spec.across["backend"]:
+            for knob, values in spec.knobs.items():
+                for v in values:
+                    for rep in range(3):
+                        infeasible = knob == "batch-size" and v == 16 and w == "summarize"
+                        st.append(_trial(w, knob, v, rep, backend, "infeasible" if infeasible else "ok"))
+    return st
+
+
+def _is_png_with_content(path):
+    img = imread(path)
+    return img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 0.01
+
+
+def test_each_figure_renders(store, tmp_path):
+    agg, trials = store.aggregate(), store.load_trials()
+    figs = {
+        "3": plots.fig_knob_effects(agg, "search"),
+        "4a": plots.fig_energy_per_token_vs_batch(agg),
+        "4b": plots.fig_cache_hit_box(trials),
+        "5": plots.fig_backend_comparison(agg, "summarize"),
+        "6": plots.fig_utilization(store.load_timeline()),
+    }
+    assert len(figs["3"].axes) == 3 * 2 * 2  # three knobs, two panels, each with a twin axis
+    labels = " ".join(ax.get_ylabel() for ax in figs["4a"].axes)
+    assert "J/token" in labels and "estimated:cpu-util" in labels
+    legend = [t.get_text() for t in figs["4a"].axes[0].get_legend().get_texts()]
+    assert "infeasible (out of memory)" in legend
+    assert "CPU utilization" in figs["6"].axes[0].get_ylabel()
+    assert {t.get_text().split(" ")[0] for t in figs["6"].axes[0].get_legend().get_texts()} == {"vllm", "parrot"}
+    assert len(figs["5"].axes) == 4 * 3
+    for name, fig in figs.items():
+        path = tmp_path / f"{name}.png"
+        fig.savefig(path)
+        assert _is_png_with_content(path)
+
+
+def test_render_all_and_cli(store, tmp_path, capsys):
+    out = tmp_path / "figs"
+    assert plot_main([str(store.path), "--out", str(out), "--csv", str(tmp_path / "t.csv")]) == 0
+    text = capsys.readouterr().out
+    assert "infeasible" in text and "KV cache too small" in text
+    for name in ("fig3_knob_effects", "fig4a_energy_per_token_vs_batch", "fig4b_cache_hit_rate",
+                 "fig5_backend_comparison", "fig6_utilization"):
+        assert _is_png_with_content(out / f"{name}.png")
+    assert (tmp_path / "t.csv").read_text().count("\n") == 1 + 2 * 2 * 10
+
+
+def test_render_all_skips_what_is_missing(tmp_path):
+    st = ResultStore(tmp_path)
+    st.init(SweepSpec(workloads=["search"], knobs={"users": [1, 2]}, repeats=1))
+    for v in (1, 2):
+        rec = _trial("search", "users", v, 0)
+        rec.timeline = []
+        st.append(rec)
+    done = plots.render_all(tmp_path)
+    assert done["fig4a_energy_per_token_vs_batch"] == "skipped: no batch-size sweep"
+    assert done["fig6_utilization"].startswith("skipped")
+
+
+def test_plot_cli_on_a_non_store(tmp_path, capsys):
+    assert plot_main([str(tmp_path)]) == 2
+    assert "no sweep.json" in capsys.readouterr().err
