@@ -187,6 +187,12 @@ class Timeline:
     def __len__(self) -> int:
         return len(self._t)
 
+    @property
+    def last_sample_t(self) -> float | None:
+        """Time of the newest sample, or None before the first."""
+        with self._data_lock:
+            return self._t[-1] if self._t else None
+
     def energy_between(self, t0: float, t1: float) -> dict[str, float]:
         """Joules per component between two instants, interpolating between samples."""
         if t1 < t0:
