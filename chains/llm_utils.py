@@ -1,0 +1,51 @@
+"""Small helpers the workloads share: where the LLM comes from, and one capped text call.
+
+A workload accepts either a language model or a function ``config -> model``. The second form lets a
+module-level graph (LangGraph Studio) build its model lazily, on the first call, from the run's
+``configurable`` values instead of at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Union
+
+from langchain_core.language_models import BaseLanguageModel
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.runnables import RunnableConfig
+
+LLMSource = Union[BaseLanguageModel, Callable[[RunnableConfig], BaseLanguageModel]]
+
+
+def resolve_llm(source: LLMSource, config: RunnableConfig | None = None) -> BaseLanguageModel:
+    """The model itself, or the one the factory builds for this run's config."""
+    if isinstance(source, BaseLanguageModel):
+        return source
+    return source(config or {})
+
+
+async def acall(
+    llm: BaseLanguageModel,
+    prompt: str,
+    *,
+    max_tokens: int,
+    role: str,
+    config: RunnableConfig | None = None,
+) -> str:
+    """One LLM call capped at ``max_tokens``, tagged with its role; returns the text (chat or not).
+
+    The cap travels as a per-call ``max_tokens`` keyword, which `ServingLLM` and the common chat
+    models honour; models that do not know it (test fakes) ignore it.
+    """
+    runnable = llm.bind(max_tokens=max_tokens).with_config(tags=[f"role:{role}"], metadata={"role": role})
+    chain = runnable | StrOutputParser()
+    return await chain.ainvoke(prompt, config)
+
+
+def positive_int(name: str, value: Any) -> int:
+    """Validate a size knob (used by the workload builders)."""
+    from langchain_energy.errors import ConfigError
+
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
