@@ -181,6 +181,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         self.weighting: Weighting = weighting
         self.timeline = timeline if timeline is not None else shared_timeline(meter, sample_interval_s)
         self._clock = self.timeline.clock
+        self._edge_age_s = self.timeline.interval_s / 4
         self.token_counter = token_counter
         self._lock = threading.RLock()
         self._runs: dict[UUID, RunRecord] = {}
@@ -274,7 +275,9 @@ class EnergyCallbackHandler(BaseCallbackHandler):
             self._runs[run_id] = rec
             self._version += 1
         if parent is None:
-            self.timeline.sample_now()  # a sharp left edge for each workflow
+            # A sharp left edge for each workflow, skipped when a sample is fresh: reading a meter costs
+            # tens of microseconds, which matters for rapid-fire calls and not at all for interpolation.
+            self.timeline.sample_if_stale(self._edge_age_s)
 
     def _finish(self, run_id: UUID, status: str, error: BaseException | None = None,
                 response: LLMResult | None = None) -> None:
@@ -293,7 +296,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
             self._version += 1
             is_root = rec.root_run_id == rec.run_id
         if is_root:
-            self.timeline.sample_now()  # a sharp right edge
+            self.timeline.sample_if_stale(self._edge_age_s)  # a sharp right edge
 
     def _read_tokens(self, rec: RunRecord, response: LLMResult) -> None:
         gens = [g for candidates in response.generations for g in candidates]
@@ -441,8 +444,9 @@ class EnergyCallbackHandler(BaseCallbackHandler):
                                 dict[Any, dict[str, float]]]:
         records = self.runs
         now = self._clock()
-        if any(r.t_end is None for r in records):
-            self.timeline.sample_now()
+        last = self.timeline.last_sample_t
+        if records and (last is None or last < max(r.t_end if r.t_end is not None else now for r in records)):
+            self.timeline.sample_now()  # cover the right edge of the newest run
         samples = self.timeline.snapshot()
         spans = self._spans(records, now)
         cumulative = dict(samples.energy_j)

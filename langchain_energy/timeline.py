@@ -166,6 +166,12 @@ class Timeline:
             if n > self.max_samples:
                 self._thin()
 
+    def sample_if_stale(self, max_age_s: float) -> None:
+        """Sample now unless the newest sample is younger than `max_age_s` (cheap edges for rapid-fire runs)."""
+        last = self.last_sample_t
+        if last is None or self.clock() - last >= max_age_s:
+            self.sample_now()
+
     def _thin(self) -> None:
         # Keep the first and last samples and every other one between: cumulative values make this lossless
         # in joules, it only coarsens where within an interval those joules were spent.
