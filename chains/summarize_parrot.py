@@ -128,7 +128,10 @@ def summarize_parrot_workload(
         )
         return [r.final.strip() for r in results]
 
-    return RunnableLambda(run, name="summarize")
+    def run_blocking(documents: Sequence[Sequence[str]], config: RunnableConfig) -> list[str]:
+        return run_sync(run(documents, config))
+
+    return RunnableLambda(run_blocking, afunc=run, name="summarize")
 
 
 def run_summarize_parrot(

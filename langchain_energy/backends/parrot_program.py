@@ -56,8 +56,6 @@ def to_parrot_template(fstring: str) -> tuple[str, list[str]]:
     except ValueError as exc:
         raise ConfigError(f"prompt template is not a valid f-string template: {exc}") from exc
     for literal, name, spec, conversion in parsed:
-        if PLACEHOLDER.search(literal):
-            raise ConfigError(f"prompt text {literal!r} contains Parrot placeholder syntax {{{{name}}}}")
         parts.append(literal)
         if name is None:
             continue
@@ -65,7 +63,10 @@ def to_parrot_template(fstring: str) -> tuple[str, list[str]]:
             raise ConfigError(f"prompt field {{{name}}} must be a plain name (no format spec, conversion or attribute)")
         parts.append("{{" + name + "}}")
         names.append(name)
-    return "".join(parts), names
+    body = "".join(parts)
+    if PLACEHOLDER.findall(body) != names:
+        raise ConfigError(f"prompt text {fstring!r} contains literal text that Parrot would read as a {{{{name}}}} placeholder")
+    return body, names
 
 
 @dataclass(frozen=True)
