@@ -106,9 +106,13 @@ def test_dataset_saved_locally_loads_by_column(tmp_path):
 
 
 def test_dataset_that_cannot_load_offline_is_a_data_error(monkeypatch, tmp_path):
-    pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    # Offline as a machine without network is: the libraries read these flags at import time.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     with pytest.raises(DataError, match="cannot load dataset"):
         load_hf_dataset("no-such-org/no-such-dataset")
