@@ -69,8 +69,8 @@ def template_placeholders(template: str) -> list[str]:
 def check_template(template: str, inputs: Mapping[str, Any], output: str) -> None:
     """Check that a template's placeholders and a call's parameters agree.
 
-    Every placeholder must be a parameter and every parameter a placeholder, each placeholder appears once,
-    and the output placeholder must end the template (ServeCore silently drops text after the last
+    Every placeholder must be a parameter and every parameter a placeholder (an input may appear several
+    times), and the output placeholder must appear once, at the end of the template (ServeCore silently drops text after the last
     placeholder, and the generation must see the whole prompt).
 
     Raises:
@@ -87,9 +87,8 @@ def check_template(template: str, inputs: Mapping[str, Any], output: str) -> Non
             f"template placeholders {names} and call parameters {sorted(params)} disagree: "
             f"placeholders without a parameter: {missing or 'none'}; parameters not in the template: {unused or 'none'}"
         )
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"placeholders {dupes} appear more than once in the template; Parrot binds each once")
+    if names.count(output) > 1:
+        raise ConfigError(f"the output placeholder {{{{{output}}}}} appears more than once; a call generates once")
     if not template.endswith("{{" + output + "}}"):
         raise ConfigError(
             f"the output placeholder {{{{{output}}}}} must end the template (text after it would be dropped)"

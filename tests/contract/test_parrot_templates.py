@@ -59,3 +59,20 @@ def test_refine_program_chains_each_call_on_the_previous_output():
 def test_plain_prompts_become_constant_text_unless_they_look_like_placeholders():
     assert prompt_call("Tell me a joke.") == ("Tell me a joke.{{output}}", {})
     assert prompt_call("Render {{name}} literally") == ("{{prompt}}{{output}}", {"prompt": "Render {{name}} literally"})
+
+
+def test_agentic_branches_hang_off_the_design_and_chain_within_each_module():
+    from chains.agentic import calls_per_task, resolve_task
+    from chains.agentic_parrot import build_branches_program
+
+    task = resolve_task("snake")
+    prog = build_branches_program(task, rounds=2, code=P, review=P)
+    calls = {c.ref.name: c for c in prog._calls}
+    # Everything but the integrator (submitted after, with client-side excerpts) is one DAG.
+    assert len(prog) == calls_per_task(len(task["modules"]), 2) - 1
+    design = calls["architect"].ref
+    for m in task["modules"]:
+        assert calls[f"engineer_{m}"].inputs["design"] == design
+        assert calls[f"reviewer_{m}_1"].inputs["code"] == calls[f"engineer_{m}"].ref
+        assert calls[f"final_{m}"].inputs["review"] == calls[f"reviewer_{m}_2"].ref
+    assert len(build_branches_program(task, rounds=0, code=P, review=P)) == 1 + len(task["modules"])

@@ -65,3 +65,15 @@ async def test_backend_reuses_one_session_for_concurrent_calls(core, vllm_server
     assert len(core.bodies("/v1/session")) == before + 1
     await backend.aclose()
     assert results[0].extra["parrot_session_id"] not in core.sessions
+
+
+async def test_agentic_branches_run_as_one_dag_then_the_integrator(core, vllm_server):
+    from chains.agentic import calls_per_task
+    from chains.agentic_parrot import arun_agentic_parrot
+
+    before = len(core.engine_requests)
+    (result,) = await arun_agentic_parrot(["snake"], base_url=core.base_url, model=vllm_server.served_model_name,
+                                          tokenizer=vllm_server.spec.path, rounds=1, code_tokens=24, review_tokens=16,
+                                          temperature=0.0)
+    assert result["calls"] == calls_per_task(3, 1) == len(core.engine_requests) - before
+    assert result["product"].strip() and all(r["code"].strip() for r in result["results"])

@@ -132,7 +132,8 @@ def test_template_checks_name_each_disagreement():
     with pytest.raises(ConfigError, match="must end the template"):
         check_template("A {{out}} trailing", {}, "out")
     with pytest.raises(ConfigError, match="more than once"):
-        check_template("{{x}} {{x}} {{out}}", {"x": "1"}, "out")
+        check_template("{{out}} {{x}} {{out}}", {"x": "1"}, "out")
+    check_template("{{x}} and again {{x}}: {{out}}", {"x": "1"}, "out")  # an input may repeat
     with pytest.raises(ConfigError, match="single stop string"):
         sampling_config(SamplingParams(stop=("a", "b")))
     with pytest.raises(ConfigError, match="criteria"):
