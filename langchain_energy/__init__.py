@@ -1,21 +1,35 @@
 """langchain-energy: latency and energy of multi-request LLM workflows, from LangChain and LangGraph."""
 
+from langchain_energy.attribution import Span, attribute
 from langchain_energy.backends.base import Completion, SamplingParams
 from langchain_energy.backends.metrics import MetricsClient, MetricsSnapshot
 from langchain_energy.backends.vllm_server import EngineConfig, VLLMServer
+from langchain_energy.callbacks import EnergyCallbackHandler, energy_callback
 from langchain_energy.errors import EnergyError
 from langchain_energy.llms import ServingLLM
+from langchain_energy.meters import EstimatedMeter, PowerModel, ReplayMeter, ZeusMeter, auto_meter
 from langchain_energy.models import ModelSpec, resolve_model
+from langchain_energy.timeline import Timeline
 
 __all__ = [
     "Completion",
+    "EnergyCallbackHandler",
     "EnergyError",
     "EngineConfig",
+    "EstimatedMeter",
     "MetricsClient",
     "MetricsSnapshot",
     "ModelSpec",
+    "PowerModel",
+    "ReplayMeter",
     "SamplingParams",
     "ServingLLM",
+    "Span",
+    "Timeline",
     "VLLMServer",
+    "ZeusMeter",
+    "attribute",
+    "auto_meter",
+    "energy_callback",
     "resolve_model",
 ]
