@@ -27,7 +27,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
-from chains.llm_utils import LLMSource, acall, positive_int, resolve_llm
+from chains.llm_utils import LLMSource, acall, ainvoke_many, positive_int, resolve_llm
 from langchain_energy.errors import ConfigError, DataError
 
 # Coding tasks: a one-paragraph brief and the modules the architect splits it into. Fixed module
@@ -273,6 +273,6 @@ def agentic_workload(
             raise DataError("no coding tasks to run")
         for t in tasks:
             resolve_task(t)
-        return await graph.abatch([{"task": t} for t in tasks], config={**config, "max_concurrency": users})
+        return await ainvoke_many(graph, [{"task": t} for t in tasks], config, users)
 
     return RunnableLambda(run, name="agentic")

@@ -49,3 +49,21 @@ def positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+async def ainvoke_many(runnable: Any, inputs: list[Any], config: RunnableConfig, limit: int) -> list[Any]:
+    """Invoke ``runnable`` on every input, at most ``limit`` at a time, results in input order.
+
+    A semaphore rather than the config's ``max_concurrency``: LangGraph hands that setting down to
+    every nested graph, where it would also serialize the parallel branches inside each input.
+    """
+    import asyncio
+
+    sem = asyncio.Semaphore(limit)
+    child = {k: v for k, v in config.items() if k != "max_concurrency"}
+
+    async def one(item: Any) -> Any:
+        async with sem:
+            return await runnable.ainvoke(item, child)
+
+    return list(await asyncio.gather(*(one(i) for i in inputs)))

@@ -17,14 +17,16 @@ class CallProgress(BaseCallbackHandler):
         >>> bar.close()
     """
 
-    run_inline = True
-
     def __init__(self, total: int | None = None, desc: str = "LLM calls", disable: bool = False) -> None:
+        super().__init__()
         self.bar = tqdm(total=total, desc=desc, unit="call", disable=disable, leave=False)
         self._lock = threading.Lock()
+        self.done = 0
+        """Calls finished so far (also when the bar is hidden)."""
 
     def _tick(self) -> None:
         with self._lock:
+            self.done += 1
             self.bar.update(1)
 
     def on_llm_end(self, response: Any, **kwargs: Any) -> None:

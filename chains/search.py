@@ -24,7 +24,7 @@ from typing import Any, TypedDict
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langgraph.graph import END, START, StateGraph
 
-from chains.llm_utils import LLMSource, acall, positive_int, resolve_llm
+from chains.llm_utils import LLMSource, acall, ainvoke_many, positive_int, resolve_llm
 from langchain_energy.errors import ConfigError, ContextLengthError, DataError
 
 REFORMULATE_PROMPT = "{system}\n\n# REQUEST (query reformulation)\nQuery: {query}\nRewritten request:"
@@ -191,7 +191,7 @@ def search_workload(llm: LLMSource, *, answer_tokens: int = 256, max_calls: int 
         if not queries:
             raise DataError("no queries to run")
         inputs = [{"query": q["query"], "follow_ups": list(q.get("follow_ups", []))} for q in queries]
-        states = await graph.abatch(inputs, config={**config, "max_concurrency": users})
+        states = await ainvoke_many(graph, inputs, config, users)
         return [s["answers"] for s in states]
 
     return RunnableLambda(run, name="search")

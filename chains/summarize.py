@@ -25,7 +25,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 from langgraph.graph import END, START, StateGraph
 
-from chains.llm_utils import LLMSource, acall, positive_int, resolve_llm
+from chains.llm_utils import LLMSource, acall, ainvoke_many, positive_int, resolve_llm
 from langchain_energy.errors import ConfigError, DataError
 
 # Plain format strings: the Parrot path submits the same refine chain as semantic calls.
@@ -250,7 +250,7 @@ def summarize_workload(
         inputs = [{"chunks": list(chunks)} for chunks in documents]
         if any(not s["chunks"] for s in inputs):
             raise DataError("a document has no chunks; chunk it with chunk_document first")
-        states = await graph.abatch(inputs, config={**config, "max_concurrency": users})
+        states = await ainvoke_many(graph, inputs, config, users)
         return [s["summary"] for s in states]
 
     return RunnableLambda(run, name="summarize")

@@ -70,3 +70,14 @@ def test_workload_runs_tasks_concurrently():
     wl = agentic_workload(FakeListLLM(responses=["x"]), rounds=1, users=2)
     out = asyncio.run(wl.ainvoke(["snake", "todo"], {"callbacks": [rec]}))
     assert [o["calls"] for o in out] == [11, 11] and len(rec.calls) == 22
+
+
+def test_one_user_still_runs_a_tasks_modules_in_parallel_but_tasks_one_at_a_time():
+    import time
+
+    wl = agentic_workload(SlowFakeLLM(responses=["x"], sleep=0.2), rounds=0, users=1)
+    t0 = time.perf_counter()
+    asyncio.run(wl.ainvoke(["snake", "todo"]))
+    elapsed = time.perf_counter() - t0
+    # Per task: architect, 3 parallel engineers, integrator = 3 waits; two tasks one after the other = 6.
+    assert 6 * 0.2 <= elapsed < 8 * 0.2

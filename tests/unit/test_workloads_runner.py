@@ -71,3 +71,14 @@ def test_composite_workflows_overlap_in_time(tmp_path):
     rows = result.summary.set_index("workflow")
     assert rows.loc["summarize", "t_start"] < rows.loc["search", "t_end"]
     assert rows.loc["search", "t_start"] < rows.loc["summarize", "t_end"]
+
+
+def test_progress_bar_counts_calls_without_hiding_them_from_the_energy_handler(tmp_path):
+    from chains.progress import CallProgress
+
+    settings = RunSettings(workload="search", n_queries=2, max_follow_ups=0)
+    inputs = prepare_inputs(settings, words, 4096)
+    progress = CallProgress(total=4, disable=True)
+    result = run_trial(settings, FakeListLLM(responses=["x"]), inputs=inputs, callbacks=[progress])
+    assert progress.done == 4
+    assert result.meta["recorded_llm_calls"] == 4
