@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import pandas as pd
 from tqdm import tqdm
 
-from langchain_energy.errors import ConfigError, EnergyError, InfeasibleConfigError
+from langchain_energy.errors import ConfigError, EnergyError, InfeasibleConfigError, ServerStartError
 from langchain_energy.knobs import KNOBS, PowerCap, SimulatedGPU, knob, parse_knob
 from langchain_energy.results import (
     STATUS_INFEASIBLE,
@@ -160,6 +160,8 @@ def run_sweep(
     caps = sorted({c.settings["power_cap_w"] for c in configs if c.settings.get("power_cap_w") is not None})
     power_cap = power_cap or PowerCap(dry_run=True)
     power_cap.preflight(caps)  # before the store is created: a sweep that cannot run leaves nothing behind
+    if hasattr(runner, "check"):
+        runner.check(configs)
     store.init(spec)
     done = store.done_keys()
     total = len(configs) * spec.repeats
@@ -209,22 +211,61 @@ def _run_config(config, pending, store, runner, power_cap, outcome, bar) -> None
 
 # -- the real runner: managed vLLM engine + the workloads' run_trial ---------------------------------
 
+# vLLM's words for "does not fit in memory" at start-up; the CPU backend's are not all in the server's list
+# and often sit above the last lines of its log, so the whole log is searched.
+_MEMORY_PHRASES = (
+    "less than requested memory for kv",
+    "no available memory for the cache blocks",
+    "larger than the available kv cache memory",
+    "larger than the maximum number of tokens that can be stored in kv cache",
+    "out of memory",
+    "outofmemoryerror",
+    "cannot allocate memory",
+    "insufficient memory",
+)
+
+
+def _memory_failure(log_path: Any) -> str | None:
+    """The first log line saying the engine ran out of memory, or None."""
+    try:
+        text = open(log_path, errors="replace").read() if log_path else ""
+    except OSError:
+        return None
+    for line in text.splitlines():
+        low = line.lower()
+        if any(p in low for p in _MEMORY_PHRASES):
+            return line.split("] ", 1)[-1].strip()[:300]
+    return None
+
+
 class EngineTrialRunner:
     """Runs trials with ``chains.runner.run_trial`` against a managed vLLM engine (or a Parrot URL).
 
     Args:
         engine_args: EngineConfig fields held fixed for the sweep (model, max_model_len, cpu_kvcache_gib, ...).
         parrot_url: ServeCore address for configurations with backend ``parrot``.
-        log_dir: where engine logs go.
+        server: an already running ``VLLMServer`` to use; it is restarted when engine knobs change and
+            put back to its own configuration at :meth:`close` instead of being stopped.
+        log_dir: where engine logs go when this runner starts its own engine.
+
+    Example:
+        >>> EngineTrialRunner(engine_args={"max_model_len": 4096}).engine_args
+        {'max_model_len': 4096}
     """
 
     def __init__(self, engine_args: Mapping[str, Any] | None = None, parrot_url: str | None = None,
-                 log_dir: str | None = None) -> None:
-        self.engine_args = dict(engine_args or {})
+                 server: Any = None, log_dir: str | None = None) -> None:
         self.parrot_url = parrot_url
         self.log_dir = log_dir
-        self.server: Any = None
-        self._engine_key: tuple | None = None
+        self.server = server
+        self._borrowed = server is not None
+        self._original = server.config if server is not None else None
+        base = dict(server.config.to_dict()) if server is not None else {}
+        base.update(engine_args or {})
+        if isinstance(base.get("extra_args"), list):
+            base["extra_args"] = tuple(base["extra_args"])
+        self.engine_args = base
+        self._engine = server.config if server is not None else None
 
     @staticmethod
     def defaults() -> dict[str, Any]:
@@ -245,7 +286,10 @@ class EngineTrialRunner:
 
         knobs = {KNOBS[n].engine_field: config.settings.get(KNOBS[n].field)
                  for n in KNOBS if KNOBS[n].is_engine_knob and config.settings.get(KNOBS[n].field) is not None}
-        return EngineConfig(**{**self.engine_args, **knobs})
+        try:
+            return EngineConfig(**{**self.engine_args, **knobs})
+        except TypeError as exc:
+            raise ConfigError(f"bad --engine-arg: {exc}") from None
 
     def prepare(self, config: SweepConfig) -> None:
         """Start or restart the engine when the configuration's engine differs from the running one."""
@@ -253,48 +297,92 @@ class EngineTrialRunner:
             if not self.parrot_url:
                 raise ConfigError("backend=parrot needs --parrot-url (the ServeCore address)")
             return
-        key = config.engine_key()
-        if self.server is not None and key == self._engine_key and self.server.running:
+        engine = self.engine_config(config)
+        if self.server is not None and engine == self._engine and self.server.running:
             return
         from langchain_energy.backends.vllm_server import VLLMServer
 
-        engine = self.engine_config(config)
-        self._engine_key = None
-        if self.server is None:
-            kwargs = {"log_dir": self.log_dir} if self.log_dir else {}
-            self.server = VLLMServer(engine, **kwargs)
-            self.server.start()
-        else:
-            self.server.restart(engine)
-        self._engine_key = key
+        self._engine = None
+        try:
+            if self.server is None:
+                self.server = VLLMServer(engine, **({"log_dir": self.log_dir} if self.log_dir else {}))
+                self.server.start()
+            else:
+                self.server.restart(engine)
+        except ServerStartError as exc:
+            reason = _memory_failure(getattr(self.server, "log_path", None))
+            if reason and not isinstance(exc, InfeasibleConfigError):
+                raise InfeasibleConfigError(f"engine cannot start for lack of memory: {reason}") from exc
+            raise
+        self._engine = engine
+
+    def _settings(self, config: SweepConfig, repeat: int) -> Any:
+        from chains.runner import RunSettings
+
+        names = {f.name for f in dataclasses.fields(RunSettings)}
+        unknown = sorted(set(config.settings) - names - {"workload"})
+        if unknown:
+            raise ConfigError(f"unknown run setting(s) {unknown}; known: {', '.join(sorted(names))}")
+        fields = dict(config.settings)
+        parrot = fields.get("backend", "vllm") == "parrot"
+        fields["apply_power_cap"] = False  # the sweep applies (and restores) the cap itself
+        fields["base_url"] = self.parrot_url if parrot else (self.server.base_url if self.server else None)
+        if isinstance(fields.get("seed"), int):
+            fields["seed"] = fields["seed"] + repeat  # a different sample per repeat, reproducible
+        if isinstance(fields.get("tasks"), list):
+            fields["tasks"] = tuple(fields["tasks"])
+        return RunSettings(**fields)
+
+    def check(self, configs: Sequence[SweepConfig]) -> None:
+        """Validate every configuration's settings and engine before anything starts.
+
+        Raises:
+            ConfigError: an unknown setting, a value the workload refuses, or a bad engine argument.
+        """
+        from chains.runner import validate
+
+        for config in configs:
+            validate(self._settings(config, 0))
+            if config.settings.get("backend", "vllm") != "parrot":
+                self.engine_config(config)
 
     def _llm(self, config: SweepConfig) -> Any:
         from langchain_energy.llms import ServingLLM
 
         if config.settings.get("backend", "vllm") == "parrot":
-            return ServingLLM(backend="parrot", base_url=self.parrot_url, model=self.engine_args.get("model",
-                              "smollm2-135m"))
+            return ServingLLM(backend="parrot", base_url=self.parrot_url,
+                              model=self.engine_args.get("model", "smollm2-135m"))
         return ServingLLM.from_server(self.server)
 
     def run(self, config: SweepConfig, repeat: int) -> Any:
-        """Reset the prefix cache (independent trials), then run one trial of the workload."""
-        from chains.runner import RunSettings, run_trial
+        """Reset the prefix cache (independent trials), then run one trial with an energy handler."""
+        from chains.runner import run_trial
+        from langchain_energy.callbacks import EnergyCallbackHandler
+        from langchain_energy.results import timeline_frame
 
-        if self.server is not None and config.settings.get("backend", "vllm") != "parrot":
+        parrot = config.settings.get("backend", "vllm") == "parrot"
+        if not parrot:
             self.server.reset_prefix_cache()
-        names = {f.name for f in dataclasses.fields(RunSettings)}
-        fields = {k: v for k, v in config.settings.items() if k in names}
-        if "backend" in names and fields.get("backend") == "vllm":
-            fields["backend"] = "vllm"
-        if "apply_power_cap" in names:
-            fields["apply_power_cap"] = False  # the sweep applies (and restores) the cap itself
-        if "seed" in names and isinstance(fields.get("seed"), int):
-            fields["seed"] = fields["seed"] + repeat  # a different sample per repeat, reproducible
-        return run_trial(RunSettings(**fields), self._llm(config))
+        settings = self._settings(config, repeat)
+        handler = EnergyCallbackHandler(idle_power_w=settings.idle_power_w)
+        with handler:
+            result = run_trial(settings, self._llm(config), handler=handler,
+                               extra_meta={"repeat": repeat, "engine": None if parrot else self._engine.to_dict()})
+            runs = result.runs
+            if not runs.empty and {"t_start", "t_end"} <= set(runs.columns):
+                prov = ";".join(result.meta.get("provenance") or [])
+                result.timeline = timeline_frame(handler.timeline.snapshot(), float(runs["t_start"].min()),
+                                                 float(runs["t_end"].max()), prov)
+        return result
 
     def close(self) -> None:
-        """Stop the engine."""
-        if self.server is not None:
+        """Stop the engine, or give a borrowed one back in its own configuration."""
+        if self.server is None:
+            return
+        if self._borrowed:
+            if self._engine != self._original or not self.server.running:
+                self.server.restart(self._original)
+        else:
             self.server.stop()
             self.server = None
 
@@ -345,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="knob crossed with every configuration (e.g. backend=vllm,parrot)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=V", dest="fixed",
                    help="hold a knob at one value for the whole sweep (e.g. output-len=32)")
+    p.add_argument("--setting", action="append", default=[], metavar="FIELD=V",
+                   help="a run-settings field held fixed (e.g. n_queries=2, preset=cpu)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="FIELD=V",
                    help="EngineConfig field held fixed (e.g. max_model_len=4096, cpu_kvcache_gib=2)")
     p.add_argument("--repeats", type=int, default=10, help="trials per configuration (default 10)")
@@ -379,7 +469,11 @@ def spec_from_args(args: argparse.Namespace, known_workloads: Sequence[str] | No
     engine = _parse_engine_args(args.engine_arg)
     if args.model:
         engine["model"] = args.model
-    fixed = {"settings": _parse_fixed(args.fixed), "engine": engine}
+    settings = _parse_engine_args(args.setting)  # same FIELD=VALUE syntax
+    overlap = set(settings) & {KNOBS[n].field for n in KNOBS}
+    if overlap:
+        raise ConfigError(f"--setting {sorted(overlap)} names a knob; use --set or --knob for knobs")
+    fixed = {"settings": {**settings, **_parse_fixed(args.fixed)}, "engine": engine}
     return SweepSpec(workloads=list(dict.fromkeys(workloads)), knobs=knobs, repeats=args.repeats,
                      across=across, fixed=fixed)
 

@@ -262,7 +262,7 @@ def fig_utilization(timeline: pd.DataFrame, bins: int = 50) -> Figure:
         ax.plot(np.linspace(0, 100, bins), mean,
                 label=f"{backend} (mean {np.nanmean(mean):.1f}, peak {np.nanmax(mean):.1f}; {len(curves)} runs)")
     ax.set_xlabel("Progress through the run (% of its wall time)")
-    ax.set_ylabel(f"{label} [measured]" if col != "power_w" else f"{label}")
+    ax.set_ylabel(f"{label} [measured]" if col != "power_w" else f"{label} [{provenance_of(tl)}]")
     ax.set_title("Utilization over a run, averaged across trials")
     ax.legend(fontsize=8)
     fig.tight_layout()

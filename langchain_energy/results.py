@@ -456,7 +456,8 @@ def aggregate(trials: pd.DataFrame, extra_keys: Sequence[str] = (), confidence: 
         row["reason"] = reasons[0] if reasons else ""
         ok = part[part["status"] == STATUS_OK]
         row["n"] = len(ok)
-        provs = sorted({p for v in ok.get("provenance", []) if isinstance(v, str) for p in v.split(";") if p})
+        labels = (p.strip() for v in ok.get("provenance", []) if isinstance(v, str) for p in v.split(";"))
+        provs = sorted({p for p in labels if p})
         row["provenance"] = ";".join(provs)
         for m in METRICS:
             mean, half, _ = mean_ci(ok[m].tolist() if m in ok else [], confidence)
@@ -465,6 +466,39 @@ def aggregate(trials: pd.DataFrame, extra_keys: Sequence[str] = (), confidence: 
         for col in ("batch_size", "output_len", "input_len", "users", "power_cap_w", "backend", "prefix_caching"):
             if col in part and col not in row:
                 row[col] = part[col].iloc[0]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def timeline_frame(samples: Any, t_start: float, t_end: float, provenance: str = "") -> pd.DataFrame:
+    """Turn a meter timeline's samples into the store's timeline rows for one trial.
+
+    Args:
+        samples: an object with ``t`` (times), ``energy_j`` (component -> cumulative joules) and
+            ``gpu_util`` (GPU index -> percent), such as ``Timeline.snapshot()``.
+        t_start, t_end: the trial's window on the same clock.
+        provenance: where the joules came from, kept with each row.
+
+    Returns:
+        Columns ``t`` (s from ``t_start``), ``power_w`` (all components), ``power_<component>_w``,
+        ``gpu_util`` (mean over GPUs, percent, NaN without GPUs) and ``provenance``.
+    """
+    idx = [i for i, t in enumerate(samples.t) if t_start <= t <= t_end]
+    rows = []
+    for a, b in zip(idx, idx[1:]):
+        dt = samples.t[b] - samples.t[a]
+        if dt <= 0:
+            continue
+        row: dict[str, Any] = {"t": samples.t[b] - t_start}
+        total = 0.0
+        for comp, series in samples.energy_j.items():
+            watts = (series[b] - series[a]) / dt
+            row[f"power_{comp}_w"] = watts
+            total += watts
+        row["power_w"] = total
+        utils = [u[b] for u in samples.gpu_util.values() if len(u) > b and u[b] == u[b]]
+        row["gpu_util"] = sum(utils) / len(utils) if utils else math.nan
+        row["provenance"] = provenance
         rows.append(row)
     return pd.DataFrame(rows)
 
