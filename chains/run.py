@@ -106,6 +106,10 @@ def settings_from_args(args: argparse.Namespace):
         ignore_eos=args.fixed_output, temperature=args.temperature, max_model_len=args.max_model_len, idle_power_w=idle,
     )
     validate(settings)
+    if settings.backend in ("openai", "parrot") and not settings.base_url:
+        from langchain_energy.errors import ConfigError
+
+        raise ConfigError(f"backend {settings.backend!r} needs --base-url (the server's address)")
     if not isinstance(args.repeats, int) or args.repeats < 1:
         from langchain_energy.errors import ConfigError
 

@@ -137,8 +137,6 @@ def validate(settings: RunSettings) -> None:
         raise ConfigError(f"unknown preset {settings.preset!r}; choose one of: {', '.join(PRESETS)}")
     if settings.backend not in ("vllm", "openai", "parrot"):
         raise ConfigError(f"unknown backend {settings.backend!r}; choose vllm, openai or parrot")
-    if settings.backend in ("openai", "parrot") and not settings.base_url:
-        raise ConfigError(f"backend {settings.backend!r} needs --base-url (the server's address)")
     for name in ("input_len", "max_input_tokens", "output_len", "review_len", "users", "n_docs", "n_queries",
                  "n_tasks", "max_calls", "max_model_len"):
         value = getattr(settings, name)
@@ -264,9 +262,22 @@ def _parrot_summarize(settings: RunSettings, llm: BaseLanguageModel):
     except ImportError:
         return None
     return summarize_parrot_workload(
-        settings.base_url, getattr(llm, "model", settings.model), tokenizer=getattr(llm, "tokenizer", None),
+        settings.base_url or getattr(llm, "base_url", None), getattr(llm, "model", settings.model), tokenizer=getattr(llm, "tokenizer", None),
         summary_tokens=settings.output_len, max_calls=settings.max_calls, users=settings.users,
         temperature=settings.temperature, ignore_eos=settings.ignore_eos,
+    )
+
+
+def _parrot_agentic(settings: RunSettings, llm: BaseLanguageModel):
+    """The Parrot room's semantic-variable coding workload, when installed; else None."""
+    try:
+        from chains.agentic_parrot import agentic_parrot_workload
+    except ImportError:
+        return None
+    return agentic_parrot_workload(
+        settings.base_url or getattr(llm, "base_url", None), getattr(llm, "model", settings.model), tokenizer=getattr(llm, "tokenizer", None),
+        rounds=settings.rounds, code_tokens=settings.output_len, review_tokens=settings.review_len,
+        users=settings.users, temperature=settings.temperature,
     )
 
 
@@ -284,8 +295,10 @@ def build_workloads(settings: RunSettings, llm: BaseLanguageModel, inputs: Input
         jobs.append(("search", search.search_workload(llm, answer_tokens=s.output_len, users=s.users), inputs.queries))
     if inputs.tasks:
         s = resolve(settings, "agentic")
-        wl = agentic.agentic_workload(llm, rounds=s.rounds, code_tokens=s.output_len, review_tokens=s.review_len,
-                                      users=s.users)
+        wl = _parrot_agentic(s, llm) if s.backend == "parrot" else None
+        if wl is None:
+            wl = agentic.agentic_workload(llm, rounds=s.rounds, code_tokens=s.output_len, review_tokens=s.review_len,
+                                          users=s.users)
         jobs.append(("agentic", wl, inputs.tasks))
     return jobs
 

@@ -26,7 +26,7 @@ def test_presets_fill_only_unset_knobs():
     ({"preset": "huge"}, "unknown preset"),
     ({"batch_size": 0}, "batch-size"),
     ({"power_cap_w": -5.0}, "power-cap"),
-    ({"backend": "openai"}, "needs --base-url"),
+    ({"backend": "ollama"}, "unknown backend"),
     ({"docs": "a", "dataset": "b"}, "either --docs or --dataset"),
 ])
 def test_bad_settings_are_refused(change, match):
