@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import pandas as pd
 from tqdm import tqdm
 
-from langchain_energy.errors import ConfigError, EnergyError, InfeasibleConfigError, ServerStartError
+from langchain_energy.errors import ConfigError, EnergyError, InfeasibleConfigError
 from langchain_energy.knobs import KNOBS, PowerCap, SimulatedGPU, knob, parse_knob
 from langchain_energy.results import (
     STATUS_INFEASIBLE,
@@ -211,33 +211,6 @@ def _run_config(config, pending, store, runner, power_cap, outcome, bar) -> None
 
 # -- the real runner: managed vLLM engine + the workloads' run_trial ---------------------------------
 
-# vLLM's words for "does not fit in memory" at start-up; the CPU backend's are not all in the server's list
-# and often sit above the last lines of its log, so the whole log is searched.
-_MEMORY_PHRASES = (
-    "less than requested memory for kv",
-    "no available memory for the cache blocks",
-    "larger than the available kv cache memory",
-    "larger than the maximum number of tokens that can be stored in kv cache",
-    "out of memory",
-    "outofmemoryerror",
-    "cannot allocate memory",
-    "insufficient memory",
-)
-
-
-def _memory_failure(log_path: Any) -> str | None:
-    """The first log line saying the engine ran out of memory, or None."""
-    try:
-        text = open(log_path, errors="replace").read() if log_path else ""
-    except OSError:
-        return None
-    for line in text.splitlines():
-        low = line.lower()
-        if any(p in low for p in _MEMORY_PHRASES):
-            return line.split("] ", 1)[-1].strip()[:300]
-    return None
-
-
 class EngineTrialRunner:
     """Runs trials with ``chains.runner.run_trial`` against a managed vLLM engine (or a Parrot URL).
 
@@ -303,17 +276,11 @@ class EngineTrialRunner:
         from langchain_energy.backends.vllm_server import VLLMServer
 
         self._engine = None
-        try:
-            if self.server is None:
-                self.server = VLLMServer(engine, **({"log_dir": self.log_dir} if self.log_dir else {}))
-                self.server.start()
-            else:
-                self.server.restart(engine)
-        except ServerStartError as exc:
-            reason = _memory_failure(getattr(self.server, "log_path", None))
-            if reason and not isinstance(exc, InfeasibleConfigError):
-                raise InfeasibleConfigError(f"engine cannot start for lack of memory: {reason}") from exc
-            raise
+        if self.server is None:
+            self.server = VLLMServer(engine, **({"log_dir": self.log_dir} if self.log_dir else {}))
+            self.server.start()  # InfeasibleConfigError when the engine cannot start for lack of memory
+        else:
+            self.server.restart(engine)
         self._engine = engine
 
     def _settings(self, config: SweepConfig, repeat: int) -> Any:
@@ -440,8 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="trials per configuration (default 10)")
     p.add_argument("--out", required=True, help="results directory (resumed when it holds this same sweep)")
     p.add_argument("--model", default=None, help="model name or directory (default: the embedded model)")
-    p.add_argument("--power-cap-mode", choices=("apply", "dry-run", "simulate"), default="apply",
-                   help="apply caps through Zeus (needs root), only record them, or use a simulated GPU")
+    p.add_argument("--power-cap-mode", choices=("apply", "dry-run", "simulate"), default="dry-run",
+                   help="dry-run (default) only records caps; apply sets them through Zeus (needs root); "
+                   "simulate uses a simulated GPU")
     p.add_argument("--parrot-url", default=None, help="ServeCore address for backend=parrot")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p

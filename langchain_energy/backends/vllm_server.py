@@ -28,14 +28,16 @@ from langchain_energy.backends.metrics import MetricsClient, MetricsSnapshot
 from langchain_energy.errors import ConfigError, InfeasibleConfigError, ServerDiedError, ServerStartError
 from langchain_energy.models import ModelSpec, resolve_model
 
-# Phrases in vLLM's start-up log that mean "this configuration does not fit in memory".
+# vLLM's words for "this configuration does not fit in memory" at start-up (GPU and CPU backends). They
+# often sit well above the last lines of the log, so the whole log is searched.
 _MEMORY_FAILURES = (
-    "No available memory for the cache blocks",
-    "larger than the available KV cache memory",
-    "CUDA out of memory",
-    "OutOfMemoryError",
-    "Cannot allocate memory",
-    "is larger than the maximum number of tokens that can be stored in KV cache",
+    "less than requested memory for kv",
+    "no available memory for the cache blocks",
+    "larger than the available kv cache memory",
+    "larger than the maximum number of tokens that can be stored in kv cache",
+    "out of memory",
+    "outofmemoryerror",
+    "cannot allocate memory",
     "insufficient memory",
 )
 
@@ -81,7 +83,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enforce_eager: bool = True
     memory_fraction: float | None = None
-    cpu_kvcache_gib: float | None = None
+    cpu_kvcache_gib: int | None = None
     load_format: str | None = None
     dtype: str | None = None
     seed: int = 0
@@ -95,8 +97,11 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.memory_fraction is not None and not 0 < self.memory_fraction <= 1:
             raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
-        if self.cpu_kvcache_gib is not None and self.cpu_kvcache_gib <= 0:
-            raise ConfigError(f"cpu_kvcache_gib must be > 0, got {self.cpu_kvcache_gib!r}")
+        if self.cpu_kvcache_gib is not None and (
+            isinstance(self.cpu_kvcache_gib, bool) or not isinstance(self.cpu_kvcache_gib, int) or self.cpu_kvcache_gib < 1
+        ):
+            # vLLM reads VLLM_CPU_KVCACHE_SPACE as whole GiB.
+            raise ConfigError(f"cpu_kvcache_gib must be a whole number of GiB >= 1, got {self.cpu_kvcache_gib!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ConfigError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
 
@@ -268,8 +273,20 @@ class VLLMServer:
 
     def _start_failure(self, what: str) -> ServerStartError:
         tail = self.log_tail()
-        cls = InfeasibleConfigError if any(p.lower() in tail.lower() for p in _MEMORY_FAILURES) else ServerStartError
-        return cls(f"{what} (log: {self.log_path}); last lines:\n{tail}")
+        memory = self.memory_failure()
+        if memory:
+            return InfeasibleConfigError(f"{what}: not enough memory for this configuration: {memory} "
+                                         f"(log: {self.log_path})")
+        return ServerStartError(f"{what} (log: {self.log_path}); last lines:\n{tail}")
+
+    def memory_failure(self) -> str | None:
+        """The first line of the server's log that says the engine ran out of memory, or None."""
+        if not self.log_path or not self.log_path.exists():
+            return None
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if any(phrase in line.lower() for phrase in _MEMORY_FAILURES):
+                return line.split("] ", 1)[-1].strip()[:300]
+        return None
 
     def log_tail(self, lines: int = 25) -> str:
         """The last lines of the server's log."""
