@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -146,11 +147,13 @@ def run_sweep(
     defaults: Mapping[str, Any] | None = None,
     power_cap: PowerCap | None = None,
     progress: bool = True,
+    deadline: float | None = None,
 ) -> SweepOutcome:
     """Run every trial of ``spec`` not already in ``store``.
 
     The power caps are checked (range, privilege) before any trial runs, and the original limit is
-    restored at the end whatever happens.
+    restored at the end whatever happens. With a ``deadline`` (a ``time.monotonic()`` instant) no trial
+    starts after it; the next call with the same store resumes there.
 
     Raises:
         SweepMismatchError: the store holds a different sweep.
@@ -171,15 +174,19 @@ def run_sweep(
         with power_cap:
             for config in configs:
                 pending = [r for r in range(spec.repeats) if config.key(r) not in done]
-                if pending:
-                    _run_config(config, pending, store, runner, power_cap, outcome, bar)
+                if pending and not _past(deadline):
+                    _run_config(config, pending, store, runner, power_cap, outcome, bar, deadline)
     finally:
         bar.close()
         runner.close()
     return outcome
 
 
-def _run_config(config, pending, store, runner, power_cap, outcome, bar) -> None:
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _run_config(config, pending, store, runner, power_cap, outcome, bar, deadline=None) -> None:
     bar.set_postfix_str(f"{config.workload} {config.knob}={config.value}")
     cap = config.settings.get("power_cap_w")
     try:
@@ -188,7 +195,9 @@ def _run_config(config, pending, store, runner, power_cap, outcome, bar) -> None
             power_cap.set(cap)
         else:
             power_cap.unset()  # configurations without a cap run at the device's original limit
-        for i, repeat in enumerate(pending):
+        for repeat in pending:
+            if _past(deadline):
+                return
             t0 = time.time()
             result = runner.run(config, repeat)
             meta = {"power_cap_w": cap, "power_cap_mode": "dry-run" if power_cap.dry_run else "applied",
@@ -216,7 +225,9 @@ class EngineTrialRunner:
 
     Args:
         engine_args: EngineConfig fields held fixed for the sweep (model, max_model_len, cpu_kvcache_gib, ...).
-        parrot_url: ServeCore address for configurations with backend ``parrot``.
+        parrot_url: ServeCore address for configurations with backend ``parrot``. Without one, and with a
+            ParrotServe source tree in ``$PARROT_SRC``, the runner starts Parrot's ServeCore and engine in
+            front of its own vLLM engine (restarted with it), so both backends share one engine.
         server: an already running ``VLLMServer`` to use; it is restarted when engine knobs change and
             put back to its own configuration at :meth:`close` instead of being stopped.
         log_dir: where engine logs go when this runner starts its own engine.
@@ -229,6 +240,7 @@ class EngineTrialRunner:
     def __init__(self, engine_args: Mapping[str, Any] | None = None, parrot_url: str | None = None,
                  server: Any = None, log_dir: str | None = None) -> None:
         self.parrot_url = parrot_url
+        self._stack: Any = None  # a managed Parrot stack in front of self.server
         self.log_dir = log_dir
         self.server = server
         self._borrowed = server is not None
@@ -266,22 +278,37 @@ class EngineTrialRunner:
 
     def prepare(self, config: SweepConfig) -> None:
         """Start or restart the engine when the configuration's engine differs from the running one."""
-        if config.settings.get("backend", "vllm") == "parrot":
-            if not self.parrot_url:
-                raise ConfigError("backend=parrot needs --parrot-url (the ServeCore address)")
-            return
+        parrot = config.settings.get("backend", "vllm") == "parrot"
+        if parrot and self.parrot_url:
+            return  # the user's own Parrot stack: its engine is theirs to configure
+        if parrot and not os.environ.get("PARROT_SRC"):
+            raise ConfigError("backend=parrot needs --parrot-url (a running ServeCore) or PARROT_SRC "
+                              "(a ParrotServe source tree, to start one in front of the sweep's engine)")
         engine = self.engine_config(config)
-        if self.server is not None and engine == self._engine and self.server.running:
-            return
-        from langchain_energy.backends.vllm_server import VLLMServer
+        if self.server is None or engine != self._engine or not self.server.running:
+            from langchain_energy.backends.vllm_server import VLLMServer
 
-        self._engine = None
-        if self.server is None:
-            self.server = VLLMServer(engine, **({"log_dir": self.log_dir} if self.log_dir else {}))
-            self.server.start()  # InfeasibleConfigError when the engine cannot start for lack of memory
-        else:
-            self.server.restart(engine)
-        self._engine = engine
+            self._stop_stack()  # it forwards to the engine being replaced
+            self._engine = None
+            if self.server is None:
+                self.server = VLLMServer(engine, **({"log_dir": self.log_dir} if self.log_dir else {}))
+                self.server.start()  # InfeasibleConfigError when the engine cannot start for lack of memory
+            else:
+                self.server.restart(engine)
+            self._engine = engine
+        if parrot and self._stack is None:
+            from langchain_energy.parrot_stack import ParrotStack
+
+            self._stack = ParrotStack(self.server.base_url, self.server.served_model_name,
+                                      tokenizer=self.server.spec.path).start()
+
+    def _parrot_base_url(self) -> str | None:
+        return self.parrot_url or (self._stack.base_url if self._stack is not None else None)
+
+    def _stop_stack(self) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.stop()
 
     def _settings(self, config: SweepConfig, repeat: int) -> Any:
         from chains.runner import RunSettings
@@ -293,7 +320,7 @@ class EngineTrialRunner:
         fields = dict(config.settings)
         parrot = fields.get("backend", "vllm") == "parrot"
         fields["apply_power_cap"] = False  # the sweep applies (and restores) the cap itself
-        fields["base_url"] = self.parrot_url if parrot else (self.server.base_url if self.server else None)
+        fields["base_url"] = self._parrot_base_url() if parrot else (self.server.base_url if self.server else None)
         if isinstance(fields.get("seed"), int):
             fields["seed"] = fields["seed"] + repeat  # a different sample per repeat, reproducible
         if isinstance(fields.get("tasks"), list):
@@ -309,16 +336,23 @@ class EngineTrialRunner:
         from chains.runner import validate
 
         for config in configs:
-            validate(self._settings(config, 0))
-            if config.settings.get("backend", "vllm") != "parrot":
+            settings = self._settings(config, 0)
+            if settings.backend == "parrot" and not self.parrot_url:
+                if not os.environ.get("PARROT_SRC"):
+                    raise ConfigError("backend=parrot needs --parrot-url (a running ServeCore) or PARROT_SRC "
+                                      "(a ParrotServe source tree, to start one in front of the sweep's engine)")
+                settings = dataclasses.replace(settings, base_url="http://127.0.0.1")  # started later
+            validate(settings)
+            if not self.parrot_url or settings.backend != "parrot":
                 self.engine_config(config)
 
     def _llm(self, config: SweepConfig) -> Any:
         from langchain_energy.llms import ServingLLM
 
         if config.settings.get("backend", "vllm") == "parrot":
-            return ServingLLM(backend="parrot", base_url=self.parrot_url,
-                              model=self.engine_args.get("model", "smollm2-135m"))
+            return ServingLLM(backend="parrot", base_url=self._parrot_base_url(),
+                              model=self.server.served_model_name if self._stack else
+                              self.engine_args.get("model", "smollm2-135m"))
         return ServingLLM.from_server(self.server)
 
     def run(self, config: SweepConfig, repeat: int) -> Any:
@@ -328,13 +362,14 @@ class EngineTrialRunner:
         from langchain_energy.results import timeline_frame
 
         parrot = config.settings.get("backend", "vllm") == "parrot"
-        if not parrot:
+        if self.server is not None and (not parrot or self._stack is not None):
             self.server.reset_prefix_cache()
         settings = self._settings(config, repeat)
         handler = EnergyCallbackHandler(idle_power_w=settings.idle_power_w)
         with handler:
             result = run_trial(settings, self._llm(config), handler=handler,
-                               extra_meta={"repeat": repeat, "engine": None if parrot else self._engine.to_dict()})
+                               extra_meta={"repeat": repeat,
+                                           "engine": self._engine.to_dict() if self._engine else None})
             runs = result.runs
             if not runs.empty and {"t_start", "t_end"} <= set(runs.columns):
                 prov = ";".join(result.meta.get("provenance") or [])
@@ -344,6 +379,7 @@ class EngineTrialRunner:
 
     def close(self) -> None:
         """Stop the engine, or give a borrowed one back in its own configuration."""
+        self._stop_stack()
         if self.server is None:
             return
         if self._borrowed:
@@ -412,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "simulate uses a simulated GPU")
     p.add_argument("--parrot-url", default=None, help="ServeCore address for backend=parrot")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no trial after this many seconds; rerun the same command to resume")
     return p
 
 
@@ -469,7 +507,9 @@ def main(argv: Sequence[str] | None = None, runner_factory: Callable[..., TrialR
         else:
             runner = runner_factory(spec)
         defaults = runner.defaults() if hasattr(runner, "defaults") else {}
-        outcome = run_sweep(spec, store, runner, defaults=defaults, power_cap=cap, progress=not args.no_progress)
+        deadline = time.monotonic() + args.time_budget if args.time_budget else None
+        outcome = run_sweep(spec, store, runner, defaults=defaults, power_cap=cap, progress=not args.no_progress,
+                            deadline=deadline)
     except EnergyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

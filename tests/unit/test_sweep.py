@@ -233,3 +233,14 @@ def test_resume_after_kill_no_duplicates_no_losses(tmp_path):
     keys = [json.loads(p.read_text())["key"] for p in files]
     assert len(set(keys)) == 18
     assert ResultStore(out).aggregate()["n"].tolist() == [3] * 6
+
+
+def test_a_time_budget_stops_starting_trials_and_a_rerun_finishes_the_rest(tmp_path):
+    store = ResultStore(tmp_path / "budget")
+    spec = _spec(workloads=["search"], knobs={"output-len": [8, 16, 32]}, repeats=2)
+    runner = CheapRunner(delay_s=0.05)
+    first = run_sweep(spec, store, runner, defaults=DEFAULTS, progress=False, deadline=time.monotonic() + 0.12)
+    assert 1 <= first.ran < 6 and runner.closed
+    second = run_sweep(spec, store, CheapRunner(), defaults=DEFAULTS, progress=False)
+    assert second.skipped == first.ran and first.ran + second.ran == 6
+    assert len(store.done_keys()) == 6
