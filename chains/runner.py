@@ -35,9 +35,9 @@ PRESETS = ("cpu", "study")
 # two cores (~85 tok/s at batch 8); "study" is the study's full size for GPU runs.
 PRESET_VALUES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
-        "summarize": {"n_docs": 2, "input_len": 256, "max_input_tokens": 768, "output_len": 48, "users": 2},
+        "summarize": {"n_docs": 4, "input_len": 512, "max_input_tokens": 2048, "output_len": 64, "users": 4},
         "search": {"n_queries": 8, "max_follow_ups": 1, "output_len": 48, "users": 4},
-        "agentic": {"n_tasks": 1, "rounds": 2, "output_len": 48, "review_len": 32, "users": 1},
+        "agentic": {"n_tasks": 1, "rounds": 2, "output_len": 96, "review_len": 48, "users": 1},
     },
     "study": {
         "summarize": {"n_docs": 10, "input_len": 1000, "max_input_tokens": 36000, "output_len": 256, "users": 16},
