@@ -1,0 +1,331 @@
+"""Reproduce the study's experiments on one machine: ``python -m chains.study --out DIR``.
+
+Runs, in order, each part into its own resumable results store under DIR:
+
+1. ``search-batch``: search at batch size 1, 2, 4, 8, 16 with 8 users (fixed output lengths).
+2. ``search-output``: search at output lengths 200, 400, 800 (batch 8).
+3. ``overhead``: the search workload through chains + ServingLLM + EnergyCallbackHandler against the same
+   prompts sent straight to the same vLLM server without LangChain: latency and energy ratios.
+4. ``workloads-batch``: summarization, agentic and composite at batch 1, 4, 16 with 16 users.
+5. ``systems``: summarization on vLLM alone and through Parrot's ServeCore in front of the same vLLM
+   (needs ``PARROT_SRC``), across input length, output length and batch size.
+
+Then it writes ``roofline.json`` (energy per token of the best search configuration against the decode
+roofline floor, on a GPU), the figures of each store and ``summary.md``. ``--time-budget`` stops starting
+trials after that many seconds; rerunning the same command resumes. ``--size rehearse`` shrinks every part
+so the whole script runs on the embedded CPU engine in a few minutes (a rehearsal before GPU time).
+
+Example:
+    python -m chains.study --out results/study --size gpu --time-budget 540
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+
+from chains.sweep import EngineTrialRunner, run_sweep
+from langchain_energy.errors import EnergyError
+from langchain_energy.knobs import PowerCap
+from langchain_energy.results import ResultStore, SweepSpec
+
+SEARCH = {"users": 8, "n_queries": 8, "max_follow_ups": 1, "ignore_eos": True, "preset": "study"}
+SIZES: dict[str, dict[str, Any]] = {
+    "gpu": {
+        "model": "llama2-7b-shape",
+        "engine": {"max_model_len": 4096, "enforce_eager": True},
+        "repeats": 2,
+        "search-batch": ({"batch-size": [1, 2, 4, 8, 16]}, {**SEARCH, "output_len": 200}),
+        "search-output": ({"output-len": [200, 400, 800]}, {**SEARCH, "batch_size": 8}),
+        "workloads-batch": ({"batch-size": [1, 4, 16]}, {
+            "users": 16, "preset": "study", "ignore_eos": True, "n_docs": 16, "input_len": 1000,
+            "max_input_tokens": 2000, "output_len": 128, "review_len": 64, "n_tasks": 2, "rounds": 1,
+            "n_queries": 8, "max_follow_ups": 1}),
+        "systems": ({"input-len": [500, 1000, 2000], "output-len": [64, 128, 256], "batch-size": [1, 4, 16]}, {
+            "users": 4, "preset": "study", "n_docs": 4, "max_input_tokens": 2000, "output_len": 128,
+            "input_len": 1000}),
+        "overhead_pairs": 3,
+    },
+    "rehearse": {
+        "model": "smollm2-135m",
+        "engine": {"max_model_len": 4096},
+        "repeats": 2,
+        "search-batch": ({"batch-size": [1, 4]}, {**SEARCH, "users": 2, "n_queries": 2, "max_follow_ups": 0,
+                                                   "output_len": 16}),
+        "search-output": ({"output-len": [8, 16]}, {**SEARCH, "users": 2, "n_queries": 2, "max_follow_ups": 0,
+                                                    "batch_size": 4}),
+        "workloads-batch": ({"batch-size": [4]}, {
+            "users": 2, "ignore_eos": True, "n_docs": 1, "input_len": 256, "max_input_tokens": 512,
+            "output_len": 16, "review_len": 16, "n_tasks": 1, "rounds": 1, "n_queries": 1, "max_follow_ups": 0}),
+        "systems": ({"batch-size": [4]}, {"users": 1, "n_docs": 1, "input_len": 256, "max_input_tokens": 512,
+                                          "output_len": 16}),
+        "overhead_pairs": 1,
+    },
+}
+PART_WORKLOADS = {
+    "search-batch": ["search"],
+    "search-output": ["search"],
+    "workloads-batch": ["summarize", "agentic", "composite"],
+    "systems": ["summarize"],
+}
+PARTS = ("search-batch", "search-output", "overhead", "workloads-batch", "systems")
+
+# Decode roofline: every step reads all weights once; memory bandwidth bounds the step time.
+LLAMA2_7B_SHAPE_PARAMS = 2 * 49152 * 4096 + 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) + 4096
+
+
+def sweep_part(name: str, size: dict, out: Path, deadline: float | None) -> str:
+    """Run one sweep part into ``out/name``; returns a one-line account."""
+    knobs, settings = size[name]
+    across = {"backend": ["vllm", "parrot"]} if name == "systems" and os.environ.get("PARROT_SRC") else {}
+    engine = {"model": size["model"], **size["engine"]}
+    spec = SweepSpec(workloads=PART_WORKLOADS[name], knobs=knobs, repeats=size["repeats"], across=across,
+                     fixed={"settings": {"model": size["model"], **settings}, "engine": engine})
+    runner = EngineTrialRunner(engine)
+    outcome = run_sweep(spec, ResultStore(out / name), runner, defaults=runner.defaults(),
+                        power_cap=PowerCap(dry_run=True), deadline=deadline)
+    note = "" if across else " (vLLM only: set PARROT_SRC to add Parrot)" if name == "systems" else ""
+    return f"{name}: {outcome.ran} trials run, {outcome.skipped} resumed, {len(outcome.infeasible)} infeasible{note}"
+
+
+# -- overhead: the package's path against raw HTTP on the same server ---------------------------------------
+
+class _PromptRecorder:
+    """Collects each LLM call's prompt and start order."""
+
+    def __init__(self) -> None:
+        from langchain_core.callbacks import BaseCallbackHandler
+
+        calls = self.calls = []
+
+        class Recorder(BaseCallbackHandler):
+            def on_llm_start(self, serialized, prompts, *, run_id, parent_run_id=None, **kwargs):
+                calls.append({"run_id": str(run_id), "prompt": prompts[0], "t": time.monotonic()})
+
+        self.handler = Recorder()
+
+
+def _sessions(calls: list[dict], runs: pd.DataFrame) -> list[list[dict]]:
+    """Group recorded calls by session (the workflow's direct child), each in call order.
+
+    Each call's token cap is the number of tokens it generated: the replay runs with ``ignore_eos``, as the
+    measured trial does, so both generate the same tokens.
+    """
+    parent = dict(zip(runs["run_id"].astype(str), runs["parent_run_id"].astype(str)))
+    root = dict(zip(runs["run_id"].astype(str), runs["root_run_id"].astype(str)))
+    generated = dict(zip(runs["run_id"].astype(str), runs["completion_tokens"]))
+    groups: dict[str, list[dict]] = {}
+    for call in calls:
+        call["max_tokens"] = int(generated[call["run_id"]])
+        node = call["run_id"]
+        while parent.get(node) not in (None, "None", "nan", root.get(node)):
+            node = parent[node]
+        groups.setdefault(node, []).append(call)
+    return [sorted(g, key=lambda c: c["t"]) for g in groups.values()]
+
+
+async def _replay(sessions: list[list[dict]], base_url: str, model: str, seed: int) -> int:
+    """Send the same requests straight to the server, sessions concurrently, calls in order."""
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as client:
+        async def session(calls: list[dict]) -> int:
+            tokens = 0
+            for call in calls:
+                body = {"model": model, "messages": [{"role": "user", "content": call["prompt"]}],
+                        "max_tokens": call["max_tokens"], "temperature": 0.7, "top_p": 1.0, "ignore_eos": True,
+                        "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+                async with client.stream("POST", base_url + "/chat/completions", json=body) as response:
+                    async for line in response.aiter_lines():
+                        if '"usage"' in line and '"completion_tokens"' in line:
+                            tokens += json.loads(line[5:])["usage"]["completion_tokens"]
+            return tokens
+
+        return sum(await asyncio.gather(*(session(s) for s in sessions)))
+
+
+def overhead_part(size: dict, out: Path) -> str:
+    """Search through the package vs. raw HTTP, alternating, on one engine; writes overhead.json."""
+    from chains.runner import RunSettings, prepare_inputs, run_trial
+    from langchain_energy.backends.vllm_server import EngineConfig, VLLMServer
+    from langchain_energy.callbacks import EnergyCallbackHandler
+    from langchain_energy.llms import ServingLLM
+    from langchain_energy.timeline import shared_timeline
+
+    target = out / "overhead.json"
+    if target.exists():
+        return "overhead: already measured"
+    _, settings = size["search-batch"]
+    fields = {k: v for k, v in settings.items() if k in RunSettings.__dataclass_fields__}
+    run_settings = RunSettings(workload="search", model=size["model"], batch_size=8, **fields)
+    config = EngineConfig(model=size["model"], max_num_seqs=8, **size["engine"])
+    timeline = shared_timeline()
+    timeline.acquire()
+    pairs = []
+    try:
+        with VLLMServer(config) as server:
+            llm = ServingLLM.from_server(server)
+            inputs = prepare_inputs(run_settings, llm.get_num_tokens)  # loading the queries is not per-call work
+            for pair in range(size["overhead_pairs"]):
+                server.reset_prefix_cache()
+                recorder = _PromptRecorder()
+                handler = EnergyCallbackHandler()
+                with handler:
+                    t0 = timeline.clock()
+                    result = run_trial(run_settings, llm, inputs=inputs, handler=handler,
+                                       callbacks=[recorder.handler])
+                    t1 = timeline.clock()
+                chain_energy = sum(v for v in timeline.energy_between(t0, t1).values() if v == v)
+                chain_tokens = int(result.summary["completion_tokens"].sum())
+                sessions = _sessions(recorder.calls, result.runs)
+                server.reset_prefix_cache()
+                t2 = timeline.clock()
+                raw_tokens = asyncio.run(_replay(sessions, server.base_url, server.served_model_name,
+                                                 run_settings.seed or 0))
+                t3 = timeline.clock()
+                time.sleep(0.3)  # let the sampler pass t3 before reading the window
+                raw_energy = sum(v for v in timeline.energy_between(t2, t3).values() if v == v)
+                pairs.append({"pair": pair, "calls": len(recorder.calls), "sessions": len(sessions),
+                              "chain_latency_s": t1 - t0, "raw_latency_s": t3 - t2,
+                              "chain_energy_j": chain_energy, "raw_energy_j": raw_energy,
+                              "chain_completion_tokens": chain_tokens, "raw_completion_tokens": raw_tokens})
+    finally:
+        timeline.release()
+    latency = [p["chain_latency_s"] / p["raw_latency_s"] for p in pairs]
+    energy = [p["chain_energy_j"] / p["raw_energy_j"] for p in pairs if p["raw_energy_j"]]
+    report = {"pairs": pairs, "latency_ratio_median": statistics.median(latency),
+              "energy_ratio_median": statistics.median(energy) if energy else None,
+              "meter": timeline.meter.describe() if hasattr(timeline.meter, "describe") else None, "target": 1.05}
+    _write_json(target, report)
+    return (f"overhead: latency ratio {report['latency_ratio_median']:.3f}, energy ratio "
+            f"{report['energy_ratio_median'] if energy else float('nan'):.3f} (median of {len(pairs)} pairs)")
+
+
+# -- roofline ---------------------------------------------------------------------------------------------
+
+def gpu_facts() -> dict[str, Any] | None:
+    """Name, memory bandwidth (bytes/s) and power limit (W) of GPU 0, read through NVML; None without one."""
+    try:
+        import pynvml as nvml
+
+        nvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no NVML, no GPU
+        return None
+    handle = nvml.nvmlDeviceGetHandleByIndex(0)
+    mem_clock_hz = nvml.nvmlDeviceGetMaxClockInfo(handle, nvml.NVML_CLOCK_MEM) * 1e6
+    bus_bits = nvml.nvmlDeviceGetMemoryBusWidth(handle)
+    name = nvml.nvmlDeviceGetName(handle)
+    return {"name": name.decode() if isinstance(name, bytes) else name,
+            "bandwidth_bytes_s": mem_clock_hz * 2 * bus_bits / 8,  # double data rate
+            "power_limit_w": nvml.nvmlDeviceGetPowerManagementLimit(handle) / 1000}
+
+
+def roofline_part(out: Path) -> str:
+    """Energy per token of the best search configuration against the decode roofline floor."""
+    facts = gpu_facts()
+    if facts is None:
+        return "roofline: no GPU, skipped"
+    store = ResultStore(out / "search-batch")
+    agg = store.aggregate()
+    ok = agg[agg["status"] == "ok"].dropna(subset=["energy_per_token_j_mean"])
+    if ok.empty:
+        return "roofline: no finished search-batch trial"
+    best = ok.loc[ok["energy_per_token_j_mean"].idxmin()]
+    runs = store.load_runs()
+    llm = runs[(runs["kind"] == "llm") & (runs["value"] == best["value"])]
+    # Mean sequences in flight: the decode batch actually realised (call-seconds over wall seconds).
+    per_trial = llm.groupby("key").apply(
+        lambda r: (r["t_end"] - r["t_start"]).sum() / (r["t_end"].max() - r["t_start"].min()), include_groups=False)
+    batch = float(per_trial.mean())
+    step_s = LLAMA2_7B_SHAPE_PARAMS * 2 / facts["bandwidth_bytes_s"]  # fp16 weights read once per step
+    floor = step_s * facts["power_limit_w"] / batch
+    report = {"gpu": facts, "best_config": {"knob": best["knob"], "value": best["value"]},
+              "energy_per_token_j": float(best["energy_per_token_j_mean"]),
+              "energy_per_token_ci_j": float(best["energy_per_token_j_ci"]), "mean_sequences_in_flight": batch,
+              "weight_bytes": LLAMA2_7B_SHAPE_PARAMS * 2, "roofline_step_s": step_s,
+              "floor_j_per_token": floor, "ratio": float(best["energy_per_token_j_mean"]) / floor, "target": 2.0}
+    _write_json(out / "roofline.json", report)
+    return (f"roofline: best {best['knob']}={best['value']} {report['energy_per_token_j']:.3f} J/token, floor "
+            f"{floor:.3f} J/token at {batch:.1f} sequences in flight, ratio {report['ratio']:.2f}")
+
+
+# -- report -----------------------------------------------------------------------------------------------
+
+COLUMNS = ["workload", "knob", "value", "n", "status", "latency_s_mean", "latency_s_ci", "throughput_tok_s_mean",
+           "energy_j_mean", "energy_j_ci", "energy_gpu_j_mean", "energy_cpu_j_mean", "energy_per_token_j_mean",
+           "energy_per_token_j_ci", "cache_hit_rate_mean", "provenance"]
+
+
+def write_summary(out: Path, lines: list[str]) -> Path:
+    """summary.md: what ran, then each store's aggregate table, overhead and roofline."""
+    from langchain_energy.plots import render_all
+
+    text = ["# Study results", "", *[f"- {line}" for line in lines], ""]
+    for part in PART_WORKLOADS:
+        if not (out / part / "sweep.json").exists():
+            continue
+        store = ResultStore(out / part)
+        agg = store.aggregate()
+        cols = [c for c in COLUMNS + list(store.spec().across) if c in agg.columns]
+        text += [f"## {part}", "", agg[cols].to_markdown(index=False, floatfmt=".4g"), ""]
+        figures = render_all(out / part)
+        text += [f"- {name}: {path}" for name, path in figures.items()] + [""]
+    for name in ("overhead.json", "roofline.json"):
+        if (out / name).exists():
+            text += [f"## {name}", "", "```json", (out / name).read_text(), "```", ""]
+    path = out / "summary.md"
+    path.write_text("\n".join(text))
+    return path
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    p = argparse.ArgumentParser(prog="python -m chains.study", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="results directory (resumed when rerun)")
+    p.add_argument("--size", choices=tuple(SIZES), default="gpu", help="gpu: 7B-shaped model; rehearse: tiny, CPU")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of: {', '.join(PARTS)}")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no trial after this many seconds; rerun to resume")
+    args = p.parse_args(argv)
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        print(f"error: unknown part(s) {unknown}; choose from {', '.join(PARTS)}", file=sys.stderr)
+        return 2
+    size, out = SIZES[args.size], Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.time_budget if args.time_budget else None
+    lines = []
+    try:
+        for part in parts:
+            if deadline is not None and time.monotonic() >= deadline:
+                lines.append(f"{part}: not started (time budget spent; rerun to resume)")
+                continue
+            line = overhead_part(size, out) if part == "overhead" else sweep_part(part, size, out, deadline)
+            print(line, flush=True)
+            lines.append(line)
+        lines.append(roofline_part(out))
+        print(f"wrote {write_summary(out, lines)}")
+    except EnergyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
