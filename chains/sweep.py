@@ -220,6 +220,16 @@ def _run_config(config, pending, store, runner, power_cap, outcome, bar, deadlin
 
 # -- the real runner: managed vLLM engine + the workloads' run_trial ---------------------------------
 
+def _warm_up(server: Any, batch: int) -> None:
+    """A batch of short requests right after an engine starts, so that its first trial does not pay for
+    kernel selection and allocations that later trials skip (they are not recorded)."""
+    from langchain_energy.llms import ServingLLM
+
+    llm = ServingLLM.from_server(server, max_tokens=16, ignore_eos=True)
+    llm.batch([f"Warm-up request {i}: " + "energy " * 300 for i in range(min(batch, 16))])
+    server.reset_prefix_cache()
+
+
 class EngineTrialRunner:
     """Runs trials with ``chains.runner.run_trial`` against a managed vLLM engine (or a Parrot URL).
 
@@ -295,6 +305,7 @@ class EngineTrialRunner:
                 self.server.start()  # InfeasibleConfigError when the engine cannot start for lack of memory
             else:
                 self.server.restart(engine)
+            _warm_up(self.server, engine.max_num_seqs)
             self._engine = engine
         if parrot and self._stack is None:
             from langchain_energy.parrot_stack import ParrotStack
