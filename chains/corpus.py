@@ -178,7 +178,7 @@ def load_hf_dataset(
     try:
         import datasets
     except ImportError as exc:
-        raise DataError("loading a dataset needs the 'datasets' package: pip install datasets") from exc
+        raise DataError("loading a dataset needs the 'datasets' package: pip install 'langchain-energy[hf]'") from exc
     local = Path(name).expanduser()
     try:
         if local.is_dir():

@@ -238,6 +238,8 @@ def roofline_part(out: Path) -> str:
     facts = gpu_facts()
     if facts is None:
         return "roofline: no GPU, skipped"
+    if not (out / "search-batch" / "sweep.json").exists():
+        return "roofline: no search-batch results here, skipped"
     store = ResultStore(out / "search-batch")
     agg = store.aggregate()
     ok = agg[agg["status"] == "ok"].dropna(subset=["energy_per_token_j_mean"])
