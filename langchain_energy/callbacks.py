@@ -163,7 +163,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
     """
 
     raise_error: bool = False
-    run_inline: bool = False
+    run_inline: bool = True  # timestamps taken in the caller's event loop, not an executor queue
 
     def __init__(
         self,

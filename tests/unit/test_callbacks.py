@@ -369,3 +369,16 @@ def test_columns_are_stable_when_nothing_ran():
     assert list(handler.to_dataframe().columns) == list(RUN_COLUMNS)
     assert list(handler.summary().columns) == list(SUMMARY_COLUMNS)
     assert "(no runs recorded)" in handler.report()
+
+
+def test_async_runs_are_recorded_beside_a_handler_that_runs_inline():
+    class InlineHandler(BaseCallbackHandler):
+        run_inline = True
+
+    async def go(handler):
+        await FakeListLLM(responses=["a", "b"]).abatch(["x", "y"], config={"callbacks": [handler, InlineHandler()]})
+
+    handler = EnergyCallbackHandler()
+    with handler:
+        asyncio.run(go(handler))
+    assert handler.to_dataframe()["kind"].tolist() == ["llm", "llm"]
