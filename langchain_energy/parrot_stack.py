@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from langchain_energy._process import stop_process_group
 from langchain_energy.errors import ConfigError, ServerDiedError, ServerStartError
 
 
@@ -217,8 +218,7 @@ class ParrotStack:
 
 
 def _terminate(process: subprocess.Popen | None, timeout_s: float) -> None:
-    if process is None or process.poll() is not None:
-        return None
+    stop_process_group(process, timeout_s)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from langchain_energy._process import stop_process_group
 from langchain_energy.backends.metrics import MetricsClient, MetricsSnapshot
 from langchain_energy.errors import ConfigError, InfeasibleConfigError, ServerDiedError, ServerStartError
 from langchain_energy.models import ModelSpec, resolve_model
@@ -310,20 +311,7 @@ class VLLMServer:
         with self._lock:
             process, self._process = self._process, None
             _LIVE_SERVERS.discard(self)
-            if process is None:
-                return
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(process.pid, signal.SIGKILL)
-                    process.wait(5)
-            # Engine workers share the group and may outlive a crashed API process: none may linger.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+            stop_process_group(process, timeout_s)
 
     def restart(self, config: EngineConfig | None = None) -> VLLMServer:
         """Stop and start again, with new engine knobs if given (max_num_seqs etc. need a new engine)."""
