@@ -139,10 +139,18 @@ class EngineConfig:
         return args + list(self.extra_args)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_port(preferred: int | None = None) -> int:
+    """`preferred` when it can be bound (a restart keeps its address), else any free loopback port."""
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # As the server's own socket does: a port in TIME_WAIT after a stop can be bound again.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise ServerStartError("no free loopback port")  # pragma: no cover - binding port 0 does not fail
 
 
 def _die_with_parent() -> None:
@@ -233,7 +241,7 @@ class VLLMServer:
             if self.running:
                 return self
             self.spec = resolve_model(self.config.model)
-            self.port = _free_port()
+            self.port = _free_port(self.port)  # LLMs built from this server keep working after a restart
             log_dir = self._log_dir or Path(tempfile.mkdtemp(prefix="vllm-server-"))
             log_dir.mkdir(parents=True, exist_ok=True)
             self.log_path = log_dir / f"vllm-{self.port}.log"
@@ -314,7 +322,10 @@ class VLLMServer:
             stop_process_group(process, timeout_s)
 
     def restart(self, config: EngineConfig | None = None) -> VLLMServer:
-        """Stop and start again, with new engine knobs if given (max_num_seqs etc. need a new engine)."""
+        """Stop and start again, with new engine knobs if given (max_num_seqs etc. need a new engine).
+
+        The server keeps its port when it is still free, so LLMs built from it keep working.
+        """
         self.stop()
         if config is not None:
             self.config = config

@@ -130,3 +130,14 @@ def test_an_unreachable_server_fails_fast_with_a_clear_error():
     llm = ServingLLM(backend="openai", base_url=f"http://127.0.0.1:{port}/v1", connect_timeout_s=2)
     with pytest.raises(BackendUnreachableError):
         llm.invoke("hi")
+
+
+def test_a_restarted_server_keeps_its_port_when_it_is_free():
+    from langchain_energy.backends.vllm_server import _free_port
+
+    port = _free_port()
+    assert _free_port(port) == port
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        assert _free_port(port) != port
