@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -203,28 +202,17 @@ class ParrotStack:
 
     def stop_engine(self, timeout_s: float = 10.0) -> None:
         """Stop only the engine (ServeCore stays up)."""
-        self._engine = _terminate(self._engine, timeout_s)
+        stop_process_group(self._engine, timeout_s)
+        self._engine = None
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the engine, then ServeCore (SIGTERM, SIGKILL after ``timeout_s``)."""
-        self._engine = _terminate(self._engine, timeout_s)
-        self._core = _terminate(self._core, timeout_s)
+        self.stop_engine(timeout_s)
+        stop_process_group(self._core, timeout_s)
+        self._core = None
 
     def __enter__(self) -> ParrotStack:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _terminate(process: subprocess.Popen | None, timeout_s: float) -> None:
-    stop_process_group(process, timeout_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(5)
-    return None
