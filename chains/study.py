@@ -8,7 +8,9 @@ Runs, in order, each part into its own resumable results store under DIR:
    prompts sent straight to the same vLLM server without LangChain: latency and energy ratios.
 4. ``workloads-batch``: summarization, agentic and composite at batch 1, 4, 16 with 16 users.
 5. ``systems``: summarization on vLLM alone and through Parrot's ServeCore in front of the same vLLM
-   (needs ``PARROT_SRC``), across input length, output length and batch size.
+   (needs ``PARROT_SRC``), across input length, output length and batch size, one knob at a time.
+6. ``search-graphs``: search at batch 1 and 8 with CUDA graphs and torch.compile (every other part runs the
+   engine eager, so its many restarts take seconds): how much of the batch-1 cost is kernel-launch overhead.
 
 Then it writes ``roofline.json`` (energy per token of the best search configuration against the decode
 roofline floor, on a GPU), the figures of each store and ``summary.md``. ``--time-budget`` stops starting
@@ -52,9 +54,10 @@ SIZES: dict[str, dict[str, Any]] = {
             "users": 16, "preset": "study", "ignore_eos": True, "n_docs": 8, "input_len": 1000,
             "max_input_tokens": 2000, "output_len": 96, "review_len": 48, "n_tasks": 2, "rounds": 1,
             "n_queries": 4, "max_follow_ups": 1}),
-        "systems": ({"input-len": [500, 2000], "output-len": [64, 256], "batch-size": [1, 16]}, {
-            "users": 4, "preset": "study", "n_docs": 4, "max_input_tokens": 2000, "output_len": 128,
-            "input_len": 1000}),
+        "systems": ({"batch-size": [1, 16], "input-len": [500, 2000], "output-len": [64, 256]}, {
+            "users": 4, "preset": "study", "ignore_eos": True, "n_docs": 4, "max_input_tokens": 2000,
+            "output_len": 128, "input_len": 1000, "batch_size": 16}),
+        "search-graphs": ({"batch-size": [1, 8]}, {**SEARCH, "output_len": 200}),
         "overhead_pairs": 4,
     },
     "rehearse": {
@@ -68,8 +71,10 @@ SIZES: dict[str, dict[str, Any]] = {
         "workloads-batch": ({"batch-size": [4]}, {
             "users": 2, "ignore_eos": True, "n_docs": 1, "input_len": 256, "max_input_tokens": 512,
             "output_len": 16, "review_len": 16, "n_tasks": 1, "rounds": 1, "n_queries": 1, "max_follow_ups": 0}),
-        "systems": ({"batch-size": [4]}, {"users": 1, "n_docs": 1, "input_len": 256, "max_input_tokens": 512,
-                                          "output_len": 16}),
+        "systems": ({"batch-size": [4]}, {"users": 1, "ignore_eos": True, "n_docs": 1, "input_len": 256,
+                                          "max_input_tokens": 512, "output_len": 16}),
+        "search-graphs": ({"batch-size": [4]}, {**SEARCH, "users": 2, "n_queries": 2, "max_follow_ups": 0,
+                                                 "output_len": 16}),
         "overhead_pairs": 1,
     },
 }
@@ -78,8 +83,14 @@ PART_WORKLOADS = {
     "search-output": ["search"],
     "workloads-batch": ["summarize", "agentic", "composite"],
     "systems": ["summarize"],
+    "search-graphs": ["search"],
 }
-PARTS = ("search-batch", "search-output", "overhead", "workloads-batch", "systems")
+# Engine arguments a part changes from its size's ``engine``.
+PART_ENGINE = {"search-graphs": {"enforce_eager": False}}
+# Repeats a part uses instead of its size's ``repeats``: few points, so a third repeat is affordable.
+PART_REPEATS = {"search-graphs": 3}
+PARTS = ("search-batch", "search-output", "overhead", "workloads-batch", "systems", "search-graphs")
+SEARCH_PARTS = ("search-batch", "search-graphs")  # where the roofline looks for the best configuration
 
 # Decode roofline: every step reads all weights once; memory bandwidth bounds the step time.
 LLAMA2_7B_SHAPE_PARAMS = 2 * 49152 * 4096 + 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) + 4096
@@ -89,8 +100,9 @@ def sweep_part(name: str, size: dict, out: Path, deadline: float | None) -> str:
     """Run one sweep part into ``out/name``; returns a one-line account."""
     knobs, settings = size[name]
     across = {"backend": ["vllm", "parrot"]} if name == "systems" and os.environ.get("PARROT_SRC") else {}
-    engine = {"model": size["model"], **size["engine"]}
-    spec = SweepSpec(workloads=PART_WORKLOADS[name], knobs=knobs, repeats=size["repeats"], across=across,
+    engine = {"model": size["model"], **size["engine"], **PART_ENGINE.get(name, {})}
+    repeats = PART_REPEATS.get(name, size["repeats"])
+    spec = SweepSpec(workloads=PART_WORKLOADS[name], knobs=knobs, repeats=repeats, across=across,
                      fixed={"settings": {"model": size["model"], **settings}, "engine": engine})
     runner = EngineTrialRunner(engine)
     outcome = run_sweep(spec, ResultStore(out / name), runner, defaults=runner.defaults(),
@@ -233,43 +245,61 @@ def gpu_facts() -> dict[str, Any] | None:
             "power_limit_w": nvml.nvmlDeviceGetPowerManagementLimit(handle) / 1000}
 
 
+def roofline(trials: pd.DataFrame, runs: pd.DataFrame, facts: dict[str, Any]) -> dict[str, Any] | None:
+    """GPU energy per token of a search store's best configuration against the decode roofline floor.
+
+    The floor is the energy of one decode step at the roofline (the fp16 weights streamed from memory once,
+    at the board's power limit) shared by the sequences actually in flight.
+
+    Args:
+        trials: the store's trial rows (``ResultStore.load_trials``).
+        runs: the store's per-call rows (``ResultStore.load_runs``).
+        facts: ``bandwidth_bytes_s`` and ``power_limit_w`` of the GPU (see `gpu_facts`).
+
+    Returns:
+        The report, or None when no trial finished.
+    """
+    ok = trials[(trials["status"] == "ok") & (trials["completion_tokens"] > 0)]
+    if ok.empty:
+        return None
+    per_token = ok.assign(gpu_j_per_token=ok["energy_gpu_j"] / ok["completion_tokens"])
+    per_config = per_token.groupby(["knob", "value"])["gpu_j_per_token"].agg(["mean", "std", "count"])
+    knob, value = per_config["mean"].idxmin()
+    value = value.item() if hasattr(value, "item") else value  # a numpy scalar would be written as text
+    best = per_config.loc[(knob, value)]
+    llm = runs[(runs["kind"] == "llm") & (runs["knob"] == knob) & (runs["value"] == value)]
+    # Mean sequences in flight: the decode batch actually realised (call-seconds over wall seconds).
+    in_flight = llm.groupby("key").apply(
+        lambda r: (r["t_end"] - r["t_start"]).sum() / (r["t_end"].max() - r["t_start"].min()), include_groups=False)
+    batch = float(in_flight.mean())
+    step_s = LLAMA2_7B_SHAPE_PARAMS * 2 / facts["bandwidth_bytes_s"]  # fp16 weights read once per step
+    floor = step_s * facts["power_limit_w"] / batch
+    return {"best_config": {"knob": knob, "value": value}, "gpu_energy_per_token_j": float(best["mean"]),
+            "gpu_energy_per_token_sd_j": float(best["std"]), "repeats": int(best["count"]),
+            "mean_sequences_in_flight": batch, "weight_bytes": LLAMA2_7B_SHAPE_PARAMS * 2, "roofline_step_s": step_s,
+            "floor_j_per_token": floor, "ratio": float(best["mean"]) / floor, "target": 2.0}
+
+
 def roofline_part(out: Path) -> str:
-    """Energy per token of the best search configuration against the decode roofline floor."""
+    """The roofline report of each search store, and the best of them; writes roofline.json."""
     facts = gpu_facts()
     if facts is None:
         return "roofline: no GPU, skipped"
-    if not (out / "search-batch" / "sweep.json").exists():
-        return "roofline: no search-batch results here, skipped"
-    store = ResultStore(out / "search-batch")
-    agg = store.aggregate()
-    ok = agg[agg["status"] == "ok"].dropna(subset=["energy_per_token_j_mean"])
-    if ok.empty:
-        return "roofline: no finished search-batch trial"
-    # The floor is GPU-only (weights streamed from HBM at the board's power limit): compare GPU joules.
-    trials = store.load_trials()
-    trials = trials[trials["status"] == "ok"].assign(
-        gpu_j_per_token=lambda t: t["energy_gpu_j"] / t["completion_tokens"])
-    per_config = trials.groupby("value")["gpu_j_per_token"].agg(["mean", "std", "count"])
-    best_value = per_config["mean"].idxmin()
-    best = ok[ok["value"] == best_value].iloc[0]
-    runs = store.load_runs()
-    llm = runs[(runs["kind"] == "llm") & (runs["value"] == best["value"])]
-    # Mean sequences in flight: the decode batch actually realised (call-seconds over wall seconds).
-    per_trial = llm.groupby("key").apply(
-        lambda r: (r["t_end"] - r["t_start"]).sum() / (r["t_end"].max() - r["t_start"].min()), include_groups=False)
-    batch = float(per_trial.mean())
-    step_s = LLAMA2_7B_SHAPE_PARAMS * 2 / facts["bandwidth_bytes_s"]  # fp16 weights read once per step
-    floor = step_s * facts["power_limit_w"] / batch
-    gpu_per_token = float(per_config.loc[best_value, "mean"])
-    report = {"gpu": facts, "best_config": {"knob": best["knob"], "value": best["value"]},
-              "gpu_energy_per_token_j": gpu_per_token, "gpu_energy_per_token_sd_j": float(per_config.loc[best_value, "std"]),
-              "repeats": int(per_config.loc[best_value, "count"]),
-              "total_energy_per_token_j": float(best["energy_per_token_j_mean"]), "mean_sequences_in_flight": batch,
-              "weight_bytes": LLAMA2_7B_SHAPE_PARAMS * 2, "roofline_step_s": step_s,
-              "floor_j_per_token": floor, "ratio": gpu_per_token / floor, "target": 2.0}
-    _write_json(out / "roofline.json", report)
-    return (f"roofline: best {best['knob']}={best['value']} {gpu_per_token:.3f} GPU J/token, floor "
-            f"{floor:.3f} J/token at {batch:.1f} sequences in flight, ratio {report['ratio']:.2f}")
+    reports = {}
+    for part in SEARCH_PARTS:
+        if (out / part / "sweep.json").exists():
+            store = ResultStore(out / part)
+            report = roofline(store.load_trials(), store.load_runs(), facts)
+            if report is not None:
+                reports[part] = report
+    if not reports:
+        return "roofline: no finished search trial here, skipped"
+    best_part = min(reports, key=lambda part: reports[part]["gpu_energy_per_token_j"])
+    best = reports[best_part]
+    _write_json(out / "roofline.json", {"gpu": facts, "best": best_part, **reports})
+    return (f"roofline: best {best_part} {best['best_config']['knob']}={best['best_config']['value']} "
+            f"{best['gpu_energy_per_token_j']:.3f} GPU J/token, floor {best['floor_j_per_token']:.3f} J/token at "
+            f"{best['mean_sequences_in_flight']:.1f} sequences in flight, ratio {best['ratio']:.2f}")
 
 
 # -- report -----------------------------------------------------------------------------------------------

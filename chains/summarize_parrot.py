@@ -81,7 +81,7 @@ async def arun_summarize_parrot(
         users: documents in flight at once.
         temperature: sampling temperature.
         top_p: nucleus sampling.
-        ignore_eos: generate exactly ``summary_tokens`` (sent to Parrot; its openai engine does not forward it).
+        ignore_eos: generate exactly ``summary_tokens`` (Parrot's engine, as `ParrotStack` runs it, forwards it to vLLM).
         criteria: Parrot's get criterion, "latency" or "throughput".
         timeout_s: seconds each call may take once submitted.
         config: the run's LangChain config (its callbacks meter every call).

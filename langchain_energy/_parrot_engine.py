@@ -3,7 +3,11 @@
 Parrot's engine server imports its builtin engine (CUDA kernels from xformers, a vLLM fork and Parrot's own
 extension) even when the configured engine only forwards requests to an OpenAI-compatible server. Those
 imports are satisfied here with placeholder modules before the server module runs; the builtin engine stays
-unusable, the openai engine is untouched.
+unusable.
+
+The openai engine builds its request from ``SamplingConfig.get_openai_params``, which drops
+``ignore_tokenizer_eos``; it is forwarded here as vLLM's ``ignore_eos`` (an ``extra_body`` field of the openai
+client), so a Parrot run generates exactly as many tokens as the same run sent to vLLM directly.
 
 Usage (ParrotServe's source tree on PYTHONPATH)::
 
@@ -32,8 +36,24 @@ def stub_cuda_only_modules() -> None:
         sys.modules[name] = mock.MagicMock(name=name)
 
 
+def forward_ignore_eos() -> None:
+    """Make the openai engine send ``ignore_eos`` to vLLM when a request asks to ignore the tokenizer's EOS."""
+    from parrot.sampling_config import SamplingConfig
+
+    openai_params = SamplingConfig.get_openai_params
+
+    def with_ignore_eos(self: SamplingConfig) -> dict:
+        params = openai_params(self)
+        if self.ignore_tokenizer_eos:
+            params["extra_body"] = {**params.get("extra_body", {}), "ignore_eos": True}
+        return params
+
+    SamplingConfig.get_openai_params = with_ignore_eos
+
+
 def main() -> None:
     stub_cuda_only_modules()
+    forward_ignore_eos()
     runpy.run_module("parrot.engine.http_server", run_name="__main__", alter_sys=True)
 
 

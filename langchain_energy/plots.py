@@ -2,7 +2,8 @@
 
 Each figure function takes tables from :mod:`langchain_energy.results` and returns a matplotlib Figure;
 :func:`render_all` draws every figure the store has data for and says why it skipped the others. Energy
-axes name their provenance (``measured:nvml``, ``estimated:<model>``, ...) next to the unit.
+axes say in short whether their numbers are measured or estimated, and a note under the axes gives the full
+provenance (``cpu=estimated:linear-tdp``, ``gpu=measured:nvml``, ...).
 
 Example:
     >>> import tempfile
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,18 +37,53 @@ from langchain_energy.results import STATUS_INFEASIBLE, STATUS_OK, ResultStore, 
 COMPONENTS = (("energy_cpu_j", "CPU"), ("energy_gpu_j", "GPU"), ("energy_dram_j", "DRAM"))
 FIG3_KNOBS = ("output-len", "batch-size", "power-cap")
 FIG5_KNOBS = ("input-len", "output-len", "batch-size", "power-cap")
+NOTE_FONTSIZE = 7
+
+
+def _provenance_labels(df: pd.DataFrame) -> set[str]:
+    labels: set[str] = set()
+    for v in df.get("provenance", pd.Series(dtype=object)).dropna():
+        labels.update(p.strip() for p in str(v).replace(",", ";").split(";") if p.strip())
+    return labels
 
 
 def provenance_of(df: pd.DataFrame) -> str:
     """The distinct provenance labels in ``df`` (``unavailable`` when none were recorded)."""
-    labels: set[str] = set()
-    for v in df.get("provenance", pd.Series(dtype=object)).dropna():
-        labels.update(p.strip() for p in str(v).replace(",", ";").split(";") if p.strip())
+    labels = _provenance_labels(df)
     return ", ".join(sorted(labels)) if labels else "unavailable"
 
 
+def _provenance_kind(df: pd.DataFrame) -> str:
+    """``measured``, ``estimated`` or ``partly estimated``: short enough for an axis label.
+
+    Labels look like ``measured:nvml`` or ``cpu=estimated:linear-tdp``; anything else (``unavailable``)
+    gives ``see note``, pointing at the full provenance under the axes.
+    """
+    kinds = {label.split("=")[-1].split(":")[0] for label in _provenance_labels(df)}
+    if kinds == {"measured"}:
+        return "measured"
+    if "estimated" in kinds:
+        return "partly estimated" if "measured" in kinds else "estimated"
+    return "see note"
+
+
 def _energy_label(df: pd.DataFrame, what: str = "Energy", unit: str = "J") -> str:
-    return f"{what} ({unit})\n[{provenance_of(df)}]"
+    return f"{what} ({unit})\n[{_provenance_kind(df)}]"
+
+
+def _layout_with_provenance(fig: Figure, df: pd.DataFrame) -> None:
+    """Lay ``fig`` out with the full energy provenance as a wrapped footnote under the axes.
+
+    The full labels are too long for an axis label (they were cut off there), yet must stay on the figure
+    so that no estimate passes for a measurement. The strip is reserved inside the figure, so the note
+    shows however the figure is saved.
+    """
+    width = int(fig.get_figwidth() * 72 / (NOTE_FONTSIZE * 0.75))  # characters per line, roughly
+    note = textwrap.fill(f"Energy provenance: {provenance_of(df)}", width=max(width, 40), break_on_hyphens=False)
+    lines = note.count("\n") + 1
+    strip = (lines * 1.4 * NOTE_FONTSIZE + 4) / (fig.get_figheight() * 72)  # as a fraction of the height
+    fig.text(0.01, 0.01, note, fontsize=NOTE_FONTSIZE, color="dimgray", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, strip, 1, 1))
 
 
 def _knob_axis(name: str) -> str:
@@ -99,14 +136,14 @@ def fig_knob_effects(agg: pd.DataFrame, workload: str | None = None) -> Figure:
     data = _first_backend(agg[(agg["workload"] == workload)])
     knobs = [k for k in FIG3_KNOBS if k in set(data["knob"])] or sorted(set(data["knob"]))
     fig, axes = plt.subplots(len(knobs), 2, figsize=(10, 3.2 * len(knobs)), squeeze=False)
-    prov = provenance_of(data)
+    kind = _provenance_kind(data)
     for row, name in zip(axes, knobs):
         part = _sorted_points(data[data["knob"] == name])
         energy = _norm(part["energy_j_mean"])
         for ax, metric, label in ((row[0], "latency_s", "latency"), (row[1], "throughput_tok_s", "throughput")):
             ax.plot(part["_x"], energy, "o-", color="tab:green", label="energy")
             ax.set_xlabel(_knob_axis(name))
-            ax.set_ylabel(f"Normalized total energy\n[{prov}]")
+            ax.set_ylabel(f"Normalized total energy\n[{kind}]")
             ax.set_ylim(-0.05, 1.1)
             twin = ax.twinx()
             twin.plot(part["_x"], _norm(part[f"{metric}_mean"]), "s--", color="tab:blue", label=label)
@@ -117,7 +154,7 @@ def fig_knob_effects(agg: pd.DataFrame, workload: str | None = None) -> Figure:
             more = twin.get_legend_handles_labels()
             ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower right")
             ax.set_title(f"{workload}: {KNOBS[name].label if name in KNOBS else name} vs {label}", fontsize=10)
-    fig.tight_layout()
+    _layout_with_provenance(fig, data)
     return fig
 
 
@@ -148,7 +185,7 @@ def fig_energy_per_token_vs_batch(agg: pd.DataFrame, knob_name: str = "batch-siz
     ax.set_ylabel(_energy_label(data, "Energy per token", "J/token"))
     ax.set_title("Energy per token vs batch size (mean, 95% CI)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    _layout_with_provenance(fig, data)
     return fig
 
 
@@ -223,7 +260,7 @@ def fig_backend_comparison(agg: pd.DataFrame, workload: str | None = None) -> Fi
         row[0].legend(fontsize=8)
         row[2].legend(fontsize=7, ncol=len(backends))
         row[0].set_title(f"{workload}: {KNOBS[name].label}", fontsize=10)
-    fig.tight_layout()
+    _layout_with_provenance(fig, data)
     return fig
 
 
@@ -262,15 +299,19 @@ def fig_utilization(timeline: pd.DataFrame, bins: int = 50) -> Figure:
         ax.plot(np.linspace(0, 100, bins), mean,
                 label=f"{backend} (mean {np.nanmean(mean):.1f}, peak {np.nanmax(mean):.1f}; {len(curves)} runs)")
     ax.set_xlabel("Progress through the run (% of its wall time)")
-    ax.set_ylabel(f"{label} [measured]" if col != "power_w" else f"{label} [{provenance_of(tl)}]")
     ax.set_title("Utilization over a run, averaged across trials")
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    if col == "power_w":  # power comes from the energy readings, so it carries their provenance
+        ax.set_ylabel(f"{label} [{_provenance_kind(tl)}]")
+        _layout_with_provenance(fig, tl)
+    else:
+        ax.set_ylabel(f"{label} [measured]")
+        fig.tight_layout()
     return fig
 
 
 def _save(fig: Figure, path: Path) -> str:
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # nothing cut off at the edges
     plt.close(fig)
     return str(path)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -309,12 +310,53 @@ def _tags(rec: TrialRecord) -> dict[str, Any]:
     return tags
 
 
+def _number(value: Any) -> int | float | None:
+    """``value`` as a finite int or float (parsing text such as ``"16"``), or None when it is not a number."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                num = kind(value)
+            except ValueError:
+                continue
+            return num if math.isfinite(num) else None
+    return None
+
+
+def _typed_values(df: pd.DataFrame) -> pd.DataFrame:
+    """Make the ``value`` column hold numbers for each knob whose values are all numeric.
+
+    Tags carry values as text (so 4 and 4.0 name one configuration); left as text, 16 sorts before 2.
+    Knobs with any non-numeric value (a backend name, ``true``) keep their text.
+    """
+    if df.empty or "value" not in df or "knob" not in df:
+        return df
+    values = df["value"].astype(object)
+    for _, index in df.groupby("knob", dropna=False).groups.items():
+        nums = [_number(v) for v in values[index]]
+        if all(n is not None for n in nums):
+            values[index] = pd.Series(nums, index=index, dtype=object)
+    df["value"] = values
+    return df
+
+
+def _order(value: Any) -> tuple[int, float, str]:
+    """Sort key: numbers in numeric order, then text in string order, then missing values."""
+    num = _number(value)
+    if num is not None:
+        return (0, float(num), "")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return (2, 0.0, "")
+    return (1, 0.0, str(value))
+
+
 def _tagged(records: Iterable[TrialRecord], attr: str) -> pd.DataFrame:
     rows = []
     for rec in records:
         tags = _tags(rec)
         rows.extend({**row, **tags} for row in getattr(rec, attr))
-    return pd.DataFrame(rows)
+    return _typed_values(pd.DataFrame(rows))
 
 
 def load_workflows(records: Iterable[TrialRecord]) -> pd.DataFrame:
@@ -326,7 +368,7 @@ def load_workflows(records: Iterable[TrialRecord]) -> pd.DataFrame:
             rows.append(dict(tags))
         else:
             rows.extend({**row, **tags} for row in rec.summary)
-    return pd.DataFrame(rows)
+    return _typed_values(pd.DataFrame(rows))
 
 
 def _num(rows: Sequence[Mapping[str, Any]], col: str) -> list[float]:
@@ -387,7 +429,7 @@ def trial_metrics(records: Iterable[TrialRecord]) -> pd.DataFrame:
             for m in METRICS:
                 row[m] = math.nan
         rows.append(row)
-    df = pd.DataFrame(rows)
+    df = _typed_values(pd.DataFrame(rows))
     for m in METRICS:
         if m not in df.columns:
             df[m] = pd.Series(dtype=float)
@@ -443,6 +485,7 @@ def aggregate(trials: pd.DataFrame, extra_keys: Sequence[str] = (), confidence: 
     Output columns: the keys, ``status`` (``ok``, ``infeasible`` or ``mixed``), ``reason``, ``n``
     (finished repeats), ``provenance`` and for each metric M: ``M_mean``, ``M_ci`` (half-width),
     ``M_lo``, ``M_hi``. Infeasible configurations stay as rows with NaN metrics and their reason.
+    Rows are ordered by the keys, numeric values numerically (batch size 1, 2, 4, 8, 16), others as text.
     """
     keys = ["workload", "knob", "value", *[k for k in extra_keys if k not in ("workload", "knob", "value")]]
     if trials.empty:
@@ -467,6 +510,8 @@ def aggregate(trials: pd.DataFrame, extra_keys: Sequence[str] = (), confidence: 
             if col in part and col not in row:
                 row[col] = part[col].iloc[0]
         rows.append(row)
+    # trials come in file-name order (batch-size=16 before batch-size=2), so order the rows explicitly
+    rows.sort(key=lambda r: [_order(r[k]) for k in keys])
     return pd.DataFrame(rows)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 from matplotlib.image import imread
 
@@ -66,7 +67,8 @@ def test_each_figure_renders(store, tmp_path):
     }
     assert len(figs["3"].axes) == 3 * 2 * 2  # three knobs, two panels, each with a twin axis
     labels = " ".join(ax.get_ylabel() for ax in figs["4a"].axes)
-    assert "J/token" in labels and "estimated:cpu-util" in labels
+    assert "J/token" in labels and "[estimated]" in labels
+    assert "Energy provenance: cpu=estimated:cpu-util" in figs["4a"].texts[0].get_text()
     legend = [t.get_text() for t in figs["4a"].axes[0].get_legend().get_texts()]
     assert "infeasible (out of memory)" in legend
     assert "CPU utilization" in figs["6"].axes[0].get_ylabel()
@@ -104,3 +106,48 @@ def test_render_all_skips_what_is_missing(tmp_path):
 def test_plot_cli_on_a_non_store(tmp_path, capsys):
     assert plot_main([str(tmp_path)]) == 2
     assert "no sweep.json" in capsys.readouterr().err
+
+
+def _texts_inside_figure(fig):
+    """Every axis label, title and figure note lies inside the canvas (nothing cut off when saved)."""
+    fig.canvas.draw()
+    renderer, box = fig.canvas.get_renderer(), fig.bbox
+    texts = [t for ax in fig.axes for t in (ax.xaxis.label, ax.yaxis.label, ax.title)] + list(fig.texts)
+    for t in texts:
+        if t.get_text():
+            ext = t.get_window_extent(renderer)
+            assert box.x0 - 1 <= ext.x0 and ext.x1 <= box.x1 + 1, t.get_text()
+            assert box.y0 - 1 <= ext.y0 and ext.y1 <= box.y1 + 1, t.get_text()
+
+
+def test_energy_provenance_in_a_note_not_in_the_axis_label(store):
+    long = "cpu=estimated:linear-tdp;dram=estimated:linear-tdp;gpu=measured:nvml"
+    agg = store.aggregate()
+    agg["provenance"] = long
+    timeline = store.load_timeline().drop(columns=["cpu_util", "gpu_util"]).assign(power_w=100.0, provenance=long)
+    figs = [plots.fig_knob_effects(agg, "search"), plots.fig_energy_per_token_vs_batch(agg),
+            plots.fig_backend_comparison(agg, "summarize"), plots.fig_utilization(timeline)]
+    for fig in figs:
+        ylabels = " ".join(ax.get_ylabel() for ax in fig.axes)
+        assert "measured:nvml" not in ylabels and "[partly estimated]" in ylabels
+        note = " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
+        assert "Energy provenance: cpu=estimated:linear-tdp, dram=estimated:linear-tdp, gpu=measured:nvml" in note
+        _texts_inside_figure(fig)
+
+
+def test_provenance_kind_never_passes_an_estimate_for_a_measurement():
+    def kind(*labels):
+        return plots._provenance_kind(pd.DataFrame({"provenance": list(labels)}))
+
+    assert kind("gpu=measured:nvml") == "measured"
+    assert kind("cpu=estimated:cpu-util") == "estimated"
+    assert kind("gpu=measured:nvml;cpu=estimated:linear-tdp") == "partly estimated"
+    assert kind("measured:nvml", "estimated:tdp") == "partly estimated"
+    assert kind() == "see note" and kind("unavailable") == "see note"
+
+
+def test_x_axes_in_numeric_order(store):
+    fig = plots.fig_energy_per_token_vs_batch(store.aggregate())
+    assert list(fig.axes[0].get_lines()[0].get_xdata()) == [1, 2, 4, 16]
+    fig = plots.fig_knob_effects(store.aggregate(), "search")
+    assert all(list(line.get_xdata()) == sorted(line.get_xdata()) for ax in fig.axes for line in ax.get_lines())

@@ -75,15 +75,15 @@ def test_store_roundtrip_and_aggregate(tmp_path):
     df = store.load()
     assert len(df) == 6 and set(df["status"]) == {"ok", "infeasible"}
     agg = store.aggregate().set_index("value")
-    assert agg.loc["1", "n"] == 3
-    assert agg.loc["1", "latency_s_mean"] == pytest.approx(2.0)
-    assert agg.loc["1", "latency_s_ci"] == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)
+    assert agg.loc[1, "n"] == 3
+    assert agg.loc[1, "latency_s_mean"] == pytest.approx(2.0)
+    assert agg.loc[1, "latency_s_ci"] == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-5)
     # energy per token = J / generated tokens; throughput = tokens / wall time
-    assert agg.loc["1", "energy_per_token_j_mean"] == pytest.approx(2.0)
-    assert agg.loc["1", "throughput_tok_s_mean"] == pytest.approx((10 + 5 + 10 / 3) / 3)
-    assert agg.loc["1", "cache_hit_rate_mean"] == pytest.approx(0.4)
-    assert agg.loc["2", "status"] == "infeasible" and agg.loc["2", "reason"] == "KV cache too small"
-    assert agg.loc["2", "n"] == 0 and math.isnan(agg.loc["2", "latency_s_mean"])
+    assert agg.loc[1, "energy_per_token_j_mean"] == pytest.approx(2.0)
+    assert agg.loc[1, "throughput_tok_s_mean"] == pytest.approx((10 + 5 + 10 / 3) / 3)
+    assert agg.loc[1, "cache_hit_rate_mean"] == pytest.approx(0.4)
+    assert agg.loc[2, "status"] == "infeasible" and agg.loc[2, "reason"] == "KV cache too small"
+    assert agg.loc[2, "n"] == 0 and math.isnan(agg.loc[2, "latency_s_mean"])
 
 
 def test_rerun_same_sweep_ok_different_sweep_refused(tmp_path):
@@ -146,3 +146,54 @@ def test_aggregate_keeps_crossed_knob_apart():
     assert agg.loc["vllm", "latency_s_mean"] == pytest.approx(1.5)
     assert agg.loc["parrot", "latency_s_mean"] == pytest.approx(3.5)
     assert isinstance(agg, pd.DataFrame) and len(agg) == 2
+
+
+def _knob_rec(workload, knob, value, **across):
+    rec = _rec(1, 0, 1.0, 1.0)
+    rec.workload, rec.knob, rec.value = workload, knob, value
+    rec.assign = {knob: value, **across}
+    rec.key = trial_key(workload, rec.assign, 0)
+    return rec
+
+
+def test_aggregate_orders_numeric_values_numerically(tmp_path):
+    # trial files come back in name order (batch-size=16 before batch-size=2); the table must not
+    store = ResultStore(tmp_path)
+    store.init(_spec(knobs={"batch-size": [1, 2, 4, 8, 16]}, repeats=1))
+    for v in (1, 2, 4, 8, 16):
+        store.append(_knob_rec("search", "batch-size", v))
+    agg = store.aggregate()
+    assert list(agg["value"]) == [1, 2, 4, 8, 16]
+    assert all(isinstance(v, (int, float)) for v in agg["value"])
+
+
+def test_aggregate_orders_by_workload_knob_value_then_across():
+    recs = [_knob_rec(w, knob, v, **{"power-cap": cap})
+            for w in ("summarize", "search")
+            for knob, values in (("output-len", [100, 20, 3]), ("backend", ["vllm", "parrot"]),
+                                 ("power-cap", [250.5, 150]))
+            for v in values for cap in (300, 50)]
+    agg = aggregate(trial_metrics(recs), extra_keys=["power-cap"])
+    got = list(zip(agg["workload"], agg["knob"], agg["value"], agg["power-cap"]))
+    want = [(w, knob, v, cap)
+            for w in ("search", "summarize")
+            for knob, values in (("backend", ["parrot", "vllm"]), ("output-len", [3, 20, 100]),
+                                 ("power-cap", [150, 250.5]))
+            for v in values for cap in (50, 300)]
+    assert got == want
+
+
+def test_values_are_numbers_in_every_table_and_text_stays_text(tmp_path):
+    store = ResultStore(tmp_path)
+    store.init(_spec(knobs={"batch-size": [16, 2], "power-cap": [172.5], "prefix-caching": [True],
+                            "backend": ["vllm"]}, repeats=1))
+    for knob, value in (("backend", "vllm"), ("batch-size", 16), ("batch-size", 2), ("power-cap", 172.5),
+                        ("prefix-caching", True)):
+        rec = _knob_rec("search", knob, value)
+        rec.runs = [{"kind": "llm", "t_start": 0.0, "t_end": 1.0}]
+        store.append(rec)
+    values = list(store.load_trials()["value"])
+    assert values == ["vllm", 16, 2, 172.5, "true"]
+    assert isinstance(values[1], int)
+    # every table gives the same values, so rows of one configuration can be matched across tables
+    assert list(store.load()["value"]) == values and list(store.load_runs()["value"]) == values

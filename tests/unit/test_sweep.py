@@ -110,8 +110,8 @@ def test_infeasible_recorded_and_sweep_goes_on(tmp_path):
                     CheapRunner(max_batch=8), DEFAULTS, progress=False)
     assert out.ran == 4 and len(out.infeasible) == 1
     agg = store.aggregate().set_index("value")
-    assert agg.loc["16", "status"] == "infeasible" and "16 sequences" in agg.loc["16", "reason"]
-    assert agg.loc["2", "n"] == 2
+    assert agg.loc[16, "status"] == "infeasible" and "16 sequences" in agg.loc[16, "reason"]
+    assert agg.loc[2, "n"] == 2
     # resuming does not retry the infeasible configuration
     assert run_sweep(_spec(knobs={"batch-size": [1, 16, 2]}, workloads=["search"]), store,
                      CheapRunner(max_batch=8), DEFAULTS, progress=False).ran == 0
