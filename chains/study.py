@@ -9,7 +9,7 @@ Runs, in order, each part into its own resumable results store under DIR:
 4. ``workloads-batch``: summarization, agentic and composite at batch 1, 4, 16 with 16 users.
 5. ``systems``: summarization on vLLM alone and through Parrot's ServeCore in front of the same vLLM
    (needs ``PARROT_SRC``), across input length, output length and batch size, one knob at a time.
-6. ``search-graphs``: search at batch 1 and 8 with CUDA graphs and torch.compile (every other part runs the
+6. ``search-graphs``: search at batch 1 to 16 with CUDA graphs and torch.compile (every other part runs the
    engine eager, so its many restarts take seconds): how much of the batch-1 cost is kernel-launch overhead.
 
 Then it writes ``roofline.json`` (energy per token of the best search configuration against the decode
@@ -54,10 +54,10 @@ SIZES: dict[str, dict[str, Any]] = {
             "users": 16, "preset": "study", "ignore_eos": True, "n_docs": 8, "input_len": 1000,
             "max_input_tokens": 2000, "output_len": 96, "review_len": 48, "n_tasks": 2, "rounds": 1,
             "n_queries": 4, "max_follow_ups": 1}),
-        "systems": ({"batch-size": [1, 16], "input-len": [500, 2000], "output-len": [64, 256]}, {
+        "systems": ({"batch-size": [1, 4, 16], "input-len": [500, 2000], "output-len": [64, 256]}, {
             "users": 4, "preset": "study", "ignore_eos": True, "n_docs": 4, "max_input_tokens": 2000,
             "output_len": 128, "input_len": 1000, "batch_size": 16}),
-        "search-graphs": ({"batch-size": [1, 8]}, {**SEARCH, "output_len": 200}),
+        "search-graphs": ({"batch-size": [1, 2, 4, 8, 16]}, {**SEARCH, "output_len": 200}),
         "overhead_pairs": 4,
     },
     "rehearse": {
@@ -87,8 +87,8 @@ PART_WORKLOADS = {
 }
 # Engine arguments a part changes from its size's ``engine``.
 PART_ENGINE = {"search-graphs": {"enforce_eager": False}}
-# Repeats a part uses instead of its size's ``repeats``: few points, so a third repeat is affordable.
-PART_REPEATS = {"search-graphs": 3}
+# Repeats a part uses instead of its size's ``repeats`` (a third repeat where the points are cheap or noisy).
+PART_REPEATS = {"search-graphs": 3, "workloads-batch": 3}
 PARTS = ("search-batch", "search-output", "overhead", "workloads-batch", "systems", "search-graphs")
 SEARCH_PARTS = ("search-batch", "search-graphs")  # where the roofline looks for the best configuration
 
@@ -306,7 +306,7 @@ def roofline_part(out: Path) -> str:
 
 COLUMNS = ["workload", "knob", "value", "n", "status", "latency_s_mean", "latency_s_ci", "throughput_tok_s_mean",
            "energy_j_mean", "energy_j_ci", "energy_gpu_j_mean", "energy_cpu_j_mean", "energy_per_token_j_mean",
-           "energy_per_token_j_ci", "cache_hit_rate_mean", "provenance"]
+           "energy_per_token_j_ci", "cache_hit_rate_mean", "engine_cache_hit_rate_mean", "provenance"]
 
 
 def write_summary(out: Path, lines: list[str]) -> Path:

@@ -377,6 +377,7 @@ class EngineTrialRunner:
             self.server.reset_prefix_cache()
         settings = self._settings(config, repeat)
         handler = EnergyCallbackHandler(idle_power_w=settings.idle_power_w)
+        before = self._engine_metrics()
         with handler:
             result = run_trial(settings, self._llm(config), handler=handler,
                                extra_meta={"repeat": repeat,
@@ -386,7 +387,20 @@ class EngineTrialRunner:
                 prov = ";".join(result.meta.get("provenance") or [])
                 result.timeline = timeline_frame(handler.timeline.snapshot(), float(runs["t_start"].min()),
                                                  float(runs["t_end"].max()), prov)
+        after = self._engine_metrics()
+        if before is not None and after is not None:
+            # The engine's own counters: the same for both backends, where Parrot's calls report no usage.
+            result.meta["engine_metrics"] = (after - before).to_dict()
         return result
+
+    def _engine_metrics(self) -> Any:
+        """The managed engine's /metrics counters now, or None without one (or when it does not answer)."""
+        if self.server is None:
+            return None
+        try:
+            return self.server.metrics()
+        except EnergyError:
+            return None
 
     def close(self) -> None:
         """Stop the engine, or give a borrowed one back in its own configuration."""

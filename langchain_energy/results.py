@@ -46,6 +46,7 @@ METRICS: dict[str, str] = {
     "energy_dram_j": "J",
     "energy_per_token_j": "J/token",
     "cache_hit_rate": "fraction",
+    "engine_cache_hit_rate": "fraction",
 }
 
 STATUS_OK = "ok"
@@ -134,6 +135,18 @@ class TrialRecord:
     finished_at: float = field(default_factory=time.time)
 
 
+def _extends(wanted: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
+    """Whether sweep ``wanted`` contains every configuration and repeat of sweep ``have`` (both ``to_dict``)."""
+    same = ("schema", "workloads", "fixed")
+    if any(wanted.get(k) != have.get(k) for k in same) or wanted["repeats"] < have["repeats"]:
+        return False
+    if set(wanted["across"]) != set(have["across"]):  # an across knob is part of every trial's key
+        return False
+    grown = {**wanted["knobs"], **wanted["across"]}
+    old = {**have["knobs"], **have["across"]}
+    return all(name in grown and all(v in grown[name] for v in values) for name, values in old.items())
+
+
 def trial_key(workload: str, assign: Mapping[str, Any], repeat: int) -> str:
     """A readable, file-safe key for one trial, e.g. ``search__batch-size=4__r003``."""
     parts = [workload] + [f"{k}={_fmt(v)}" for k, v in sorted(assign.items())] + [f"r{repeat:03d}"]
@@ -212,6 +225,10 @@ class ResultStore:
     def init(self, spec: SweepSpec) -> None:
         """Create the store for ``spec``, or check that the directory already holds this same sweep.
 
+        A spec that only extends the stored one (more values of a knob, another knob, more repeats; the same
+        workloads, ``across`` knobs and fixed settings) replaces it: the finished trials are the same
+        configurations and count toward it, so a finished sweep can grow without rerunning anything.
+
         Raises:
             SweepMismatchError: the directory holds a different sweep (nothing is changed).
             ConfigError: the path exists and is not a directory.
@@ -221,7 +238,9 @@ class ResultStore:
         wanted = spec.to_dict()
         if self.spec_path.exists():
             have = self._read_spec_dict()
-            if have != wanted:
+            if have != wanted and _extends(wanted, have):
+                _atomic_write_json(self.spec_path, wanted)
+            elif have != wanted:
                 diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
                 raise SweepMismatchError(
                     f"{self.path} holds a different sweep (differs in: {', '.join(diff)}); "
@@ -419,6 +438,9 @@ def trial_metrics(records: Iterable[TrialRecord]) -> pd.DataFrame:
             else:
                 tp = _num(s, "throughput_tok_s")
                 row["throughput_tok_s"] = sum(tp) / len(tp) if tp else math.nan
+            # The engine's prefix-cache counters over the trial, when the sweep read them (both backends).
+            engine = (rec.meta.get("engine_metrics") or {}).get("prefix_cache_hit_rate")
+            row["engine_cache_hit_rate"] = float(engine) if engine is not None else math.nan
             prompt, cached = sum(_num(s, "prompt_tokens")), sum(_num(s, "cached_tokens"))
             if prompt > 0 and _num(s, "cached_tokens"):
                 row["cache_hit_rate"] = cached / prompt

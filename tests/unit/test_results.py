@@ -93,9 +93,28 @@ def test_rerun_same_sweep_ok_different_sweep_refused(tmp_path):
     store.init(_spec())  # same sweep: resume
     before = (tmp_path / "sweep.json").read_text()
     with pytest.raises(SweepMismatchError, match="repeats"):
-        store.init(_spec(repeats=4))
+        store.init(_spec(repeats=2))  # fewer repeats would orphan finished trials
+    with pytest.raises(SweepMismatchError, match="knobs"):
+        store.init(_spec(knobs={"batch-size": [2, 4]}))  # batch size 1 dropped
+    with pytest.raises(SweepMismatchError, match="workloads"):
+        store.init(_spec(workloads=["search", "summarize"]))
+    with pytest.raises(SweepMismatchError, match="across"):
+        store.init(_spec(across={"backend": ["vllm"]}))  # would rename every trial
     assert (tmp_path / "sweep.json").read_text() == before
     assert store.done_keys() == {"search__batch-size=1__r000"}
+
+
+def test_a_sweep_grows_with_more_values_knobs_and_repeats(tmp_path):
+    store = ResultStore(tmp_path)
+    store.init(_spec(across={"backend": ["vllm"]}))
+    store.append(_rec(1, 0, 1.0, 1.0))
+    grown = _spec(knobs={"batch-size": [1, 2, 4], "output-len": [8]}, repeats=5, across={"backend": ["vllm", "x"]})
+    store.init(grown)
+    assert store.spec() == grown
+    assert store.done_keys() == {"search__batch-size=1__r000"}
+    store.init(grown)  # resuming the grown sweep is a no-op
+    with pytest.raises(SweepMismatchError):
+        store.init(_spec(across={"backend": ["vllm"]}))  # the stored sweep is now the grown one
 
 
 def test_append_only_and_temp_files_ignored(tmp_path):
@@ -197,3 +216,18 @@ def test_values_are_numbers_in_every_table_and_text_stays_text(tmp_path):
     assert isinstance(values[1], int)
     # every table gives the same values, so rows of one configuration can be matched across tables
     assert list(store.load()["value"]) == values and list(store.load_runs()["value"]) == values
+
+
+def test_engine_cache_hit_rate_comes_from_the_engine_counters_when_recorded(tmp_path):
+    store = ResultStore(tmp_path)
+    store.init(_spec())
+    with_counters = _rec(1, 0, 1.0, 1.0)
+    with_counters.meta["engine_metrics"] = {"prefix_cache_queries": 200.0, "prefix_cache_hits": 150.0,
+                                            "prefix_cache_hit_rate": 0.75}
+    store.append(with_counters)
+    store.append(_rec(1, 1, 1.0, 1.0))  # a trial from before the counters were recorded
+    trials = store.load_trials().sort_values("repeat")
+    assert list(trials["engine_cache_hit_rate"].iloc[:1]) == [0.75] and math.isnan(trials["engine_cache_hit_rate"].iloc[1])
+    assert list(trials["cache_hit_rate"]) == [0.4, 0.4]  # the calls' own usage is reported separately
+    agg = store.aggregate()
+    assert agg.loc[0, "engine_cache_hit_rate_mean"] == pytest.approx(0.75)
