@@ -583,7 +583,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         """The sampled timeline: one row per sample with cumulative joules and mean watts since the previous one.
 
         Columns: ``t``, ``energy_<component>_j`` (cumulative), ``power_<component>_w`` and
-        ``gpu_util_<index>`` where reported.
+        ``gpu_util_<index>`` where reported and ``cpu_util`` (the machine's, percent since the previous sample).
         """
         import pandas as pd
 
@@ -599,6 +599,8 @@ class EnergyCallbackHandler(BaseCallbackHandler):
             data[f"power_{name}_w"] = watts
         for idx, util in snap.gpu_util.items():
             data[f"gpu_util_{idx}"] = list(util)
+        if len(snap.cpu_util) == len(snap.t):
+            data["cpu_util"] = list(snap.cpu_util)
         return pd.DataFrame(data)
 
     def report(self) -> str:

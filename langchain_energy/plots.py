@@ -275,20 +275,19 @@ def _util_column(timeline: pd.DataFrame) -> tuple[str, str]:
 def fig_utilization(timeline: pd.DataFrame, bins: int = 50) -> Figure:
     """Figure 6: utilization over a run per backend, averaged over trials on a normalized time axis.
 
-    Uses GPU utilization when recorded, else CPU utilization (a CPU machine), else power.
-    Utilization in [0, 1] is shown in percent.
+    Uses GPU utilization when recorded, else CPU utilization (a CPU machine), else power. Utilization is in
+    percent, as the timeline records it.
     """
     col, label = _util_column(timeline)
     fig, ax = plt.subplots(figsize=(8, 4))
     tl = timeline.copy()
     tl[col] = pd.to_numeric(tl[col], errors="coerce")
-    scale = 100.0 if col.endswith("util") and tl[col].max() <= 1.0 else 1.0
     group = "backend" if "backend" in tl else None
     for backend, part in (tl.groupby(group, sort=False) if group else [("run", tl)]):
         curves = []
         for _, trial in part.groupby("key"):
             t = trial["t"].to_numpy(dtype=float)
-            y = trial[col].to_numpy(dtype=float) * scale
+            y = trial[col].to_numpy(dtype=float)
             if len(t) < 2 or t[-1] <= t[0]:
                 continue
             grid = np.linspace(0, 1, bins)

@@ -541,15 +541,18 @@ def timeline_frame(samples: Any, t_start: float, t_end: float, provenance: str =
     """Turn a meter timeline's samples into the store's timeline rows for one trial.
 
     Args:
-        samples: an object with ``t`` (times), ``energy_j`` (component -> cumulative joules) and
-            ``gpu_util`` (GPU index -> percent), such as ``Timeline.snapshot()``.
+        samples: an object with ``t`` (times), ``energy_j`` (component -> cumulative joules),
+            ``gpu_util`` (GPU index -> percent) and optionally ``cpu_util`` (machine CPU percent since the
+            previous sample), such as ``Timeline.snapshot()``.
         t_start, t_end: the trial's window on the same clock.
         provenance: where the joules came from, kept with each row.
 
     Returns:
         Columns ``t`` (s from ``t_start``), ``power_w`` (all components), ``power_<component>_w``,
-        ``gpu_util`` (mean over GPUs, percent, NaN without GPUs) and ``provenance``.
+        ``gpu_util`` (mean over GPUs, percent, NaN without GPUs), ``cpu_util`` (whole machine, percent,
+        NaN when not recorded) and ``provenance``.
     """
+    cpu = getattr(samples, "cpu_util", None) or []  # older or hand-made samples may not carry it
     idx = [i for i, t in enumerate(samples.t) if t_start <= t <= t_end]
     rows = []
     for a, b in zip(idx, idx[1:]):
@@ -565,6 +568,8 @@ def timeline_frame(samples: Any, t_start: float, t_end: float, provenance: str =
         row["power_w"] = total
         utils = [u[b] for u in samples.gpu_util.values() if len(u) > b and u[b] == u[b]]
         row["gpu_util"] = sum(utils) / len(utils) if utils else math.nan
+        # Samples a and b are adjacent, so the value at b is the utilization over exactly this row's interval.
+        row["cpu_util"] = float(cpu[b]) if len(cpu) > b else math.nan
         row["provenance"] = provenance
         rows.append(row)
     return pd.DataFrame(rows)

@@ -5,29 +5,45 @@ difference of the (linearly interpolated) cumulative values, so any sub-sampling
 buffer is full, every other interior sample is dropped, halving the resolution of old data but never its
 total. Several handlers share one timeline; `acquire`/`release` count them, and the sampler thread runs
 while the count is positive.
+
+Each sample also records the whole machine's CPU time, busy and total, cumulatively for the same reason:
+utilization between two kept samples stays exact after thinning.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import math
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import psutil
 
 from langchain_energy.errors import ConfigError
 from langchain_energy.meters.base import Clock, Meter
+from langchain_energy.meters.estimated import _busy_and_total
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Samples:
-    """A consistent copy of the timeline: times and cumulative joules per component (same length)."""
+    """A consistent copy of the timeline: times and cumulative joules per component (same length).
+
+    Attributes:
+        t: sample times on the meter's clock.
+        energy_j: cumulative joules per component at each sample.
+        gpu_util: GPU utilization (percent) per GPU index at each sample, where the meter reports it.
+        cpu_util: the whole machine's CPU utilization (percent) since the previous sample; NaN at the first
+            sample and wherever it could not be measured. Empty when not recorded.
+    """
 
     t: list[float]
     energy_j: dict[str, list[float]]
     gpu_util: dict[int, list[float]]
+    cpu_util: list[float] = field(default_factory=list)
 
     def cumulative_at(self, t: float) -> dict[str, float]:
         """Cumulative joules per component at instant `t`, interpolated; clamped outside the samples."""
@@ -52,6 +68,26 @@ def interpolate(ts: list[float], ys: list[float], t: float) -> float:
     if t1 == t0:
         return ys[i]
     return ys[i - 1] + (ys[i] - ys[i - 1]) * (t - t0) / (t1 - t0)
+
+
+def _cpu_busy_total() -> tuple[float, float]:
+    """Cumulative busy and total CPU seconds of the whole machine, NaN when they cannot be read."""
+    # Own deltas of cpu_times() rather than psutil.cpu_percent(): its baseline is kept per calling thread,
+    # and samples come from the sampler, the handlers' threads and acquire/release alike.
+    try:
+        return _busy_and_total(psutil.cpu_times())
+    except (OSError, psutil.Error):  # utilization is an extra; it must never cost an energy sample
+        return math.nan, math.nan
+
+
+def _percent(busy: list[float], total: list[float]) -> list[float]:
+    """Utilization (percent) over each interval between consecutive cumulative samples; NaN for the first."""
+    out = [math.nan] if busy else []
+    for i in range(1, len(busy)):
+        d_total = total[i] - total[i - 1]
+        # A counter such as iowait may step back a little: clamp, as the estimated meter does.
+        out.append(min(max(100.0 * (busy[i] - busy[i - 1]) / d_total, 0.0), 100.0) if d_total > 0 else math.nan)
+    return out
 
 
 class Timeline:
@@ -86,6 +122,8 @@ class Timeline:
         self._t: list[float] = []
         self._e: dict[str, list[float]] = {k: [] for k in self.provenance}
         self._util: dict[int, list[float]] = {}
+        self._cpu_busy: list[float] = []  # cumulative CPU seconds, one per sample
+        self._cpu_total: list[float] = []
         self._data_lock = threading.Lock()
         self._ctl_lock = threading.Lock()
         self._refs = 0
@@ -150,11 +188,16 @@ class Timeline:
         with self._data_lock:
             if self._t and r.t < self._t[-1]:
                 return  # a reading raced a later one: keep time monotone
+            # Read under the lock so the cumulative CPU times are stored in the order they were read.
+            busy, total = _cpu_busy_total()
             if self._t and r.t == self._t[-1]:
                 for k in self._e:
                     self._e[k][-1] = float(r.energy_j.get(k, self._e[k][-1]))
+                self._cpu_busy[-1], self._cpu_total[-1] = busy, total
                 return
             self._t.append(r.t)
+            self._cpu_busy.append(busy)
+            self._cpu_total.append(total)
             for k, series in self._e.items():
                 series.append(float(r.energy_j.get(k, series[-1] if series else 0.0)))
             n = len(self._t)
@@ -179,6 +222,8 @@ class Timeline:
         self._t = [self._t[i] for i in keep]
         self._e = {k: [v[i] for i in keep] for k, v in self._e.items()}
         self._util = {k: [v[i] for i in keep] for k, v in self._util.items()}
+        self._cpu_busy = [self._cpu_busy[i] for i in keep]
+        self._cpu_total = [self._cpu_total[i] for i in keep]
 
     # -- queries -----------------------------------------------------------------------------------------
     def snapshot(self) -> Samples:
@@ -188,6 +233,7 @@ class Timeline:
                 t=list(self._t),
                 energy_j={k: list(v) for k, v in self._e.items()},
                 gpu_util={k: list(v) for k, v in self._util.items()},
+                cpu_util=_percent(self._cpu_busy, self._cpu_total),
             )
 
     def __len__(self) -> int:

@@ -360,8 +360,9 @@ def test_report_and_timeline_frame():
     text = handler.report()
     assert "workflow step [ok]" in text and "gpu=measured:nvml" in text and "energy 110.00 J" in text
     tf = handler.timeline_frame()
-    assert {"t", "energy_cpu_j", "power_gpu0_w"} <= set(tf.columns)
+    assert {"t", "energy_cpu_j", "power_gpu0_w", "cpu_util"} <= set(tf.columns)
     assert tf.power_gpu0_w.dropna().eq(100.0).all()
+    assert tf.cpu_util.dropna().between(0, 100).all()  # the machine's own utilization beside the meter's joules
 
 
 def test_columns_are_stable_when_nothing_ran():

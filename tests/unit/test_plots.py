@@ -10,7 +10,8 @@ from matplotlib.image import imread
 
 from chains.plots_cli import main as plot_main
 from langchain_energy import plots
-from langchain_energy.results import ResultStore, SweepSpec, TrialRecord, trial_key
+from langchain_energy.results import ResultStore, SweepSpec, TrialRecord, timeline_frame, trial_key
+from langchain_energy.timeline import Samples
 
 
 def _trial(workload, knob, value, rep, backend="vllm", status="ok"):
@@ -28,7 +29,7 @@ def _trial(workload, knob, value, rep, backend="vllm", status="ok"):
                     "energy_cpu_j": scale * v * 0.6, "energy_gpu_j": scale * v * 0.3,
                     "energy_dram_j": scale * v * 0.1, "provenance": "cpu=estimated:cpu-util"}]
     rec.meta = {"wall_s": scale * (1 + v / 100)}
-    rec.timeline = [{"t": t / 10, "cpu_util": 0.5 + 0.4 * math.sin(t) ** 2 / scale, "gpu_util": None}
+    rec.timeline = [{"t": t / 10, "cpu_util": 50 + 40 * math.sin(t) ** 2 / scale, "gpu_util": None}
                     for t in range(12)]
     return rec
 
@@ -151,3 +152,39 @@ def test_x_axes_in_numeric_order(store):
     assert list(fig.axes[0].get_lines()[0].get_xdata()) == [1, 2, 4, 16]
     fig = plots.fig_knob_effects(store.aggregate(), "search")
     assert all(list(line.get_xdata()) == sorted(line.get_xdata()) for ax in fig.axes for line in ax.get_lines())
+
+
+_CPU = [math.nan] + [60.0] * 7  # nothing precedes the first sample
+
+
+def _sampled_trial(rep, cpu_util=None, gpu_util=None):
+    """A trial whose timeline rows come from `timeline_frame`, as a sweep writes them."""
+    t = [float(i) for i in range(8)]
+    snap = Samples(t=t, energy_j={"cpu": [5.0 * i for i in range(8)]},
+                   gpu_util={0: list(gpu_util)} if gpu_util is not None else {},
+                   cpu_util=list(cpu_util) if cpu_util is not None else [])
+    rec = _trial("search", "users", 1, rep)
+    rec.timeline = timeline_frame(snap, 0.0, 7.0, "cpu=estimated:linear-tdp").to_dict("records")
+    if cpu_util is None:  # a trial file written before cpu_util was recorded
+        rec.timeline = [{k: v for k, v in row.items() if k != "cpu_util"} for row in rec.timeline]
+    return rec
+
+
+@pytest.mark.parametrize(("trials", "label"), [
+    ([{"cpu_util": _CPU}], "CPU utilization (%) [measured]"),
+    ([{}, {"cpu_util": _CPU}], "CPU utilization (%) [measured]"),  # an old trial file beside a new one
+    ([{"cpu_util": _CPU, "gpu_util": [90.0] * 8}], "GPU utilization (%) [measured]"),
+    ([{}], "Power (W) [estimated]"),  # only old files: power, with its energy provenance
+])
+def test_fig6_prefers_gpu_then_cpu_utilization_then_power(tmp_path, trials, label):
+    st = ResultStore(tmp_path)
+    st.init(SweepSpec(workloads=["search"], knobs={"users": [1]}, repeats=len(trials)))
+    for rep, kw in enumerate(trials):
+        st.append(_sampled_trial(rep, **kw))
+    timeline = st.load_timeline()
+    fig = plots.fig_utilization(timeline)
+    assert fig.axes[0].get_ylabel() == label
+    if label.startswith("CPU"):
+        assert timeline["gpu_util"].isna().all()
+        assert fig.axes[0].get_lines()[0].get_ydata() == pytest.approx(60.0)  # percent, not rescaled
+    assert plots.render_all(tmp_path)["fig6_utilization"].endswith(".png")

@@ -17,9 +17,11 @@ from langchain_energy.results import (
     aggregate,
     mean_ci,
     t_quantile,
+    timeline_frame,
     trial_key,
     trial_metrics,
 )
+from langchain_energy.timeline import Samples
 
 
 def _spec(**kw):
@@ -231,3 +233,16 @@ def test_engine_cache_hit_rate_comes_from_the_engine_counters_when_recorded(tmp_
     assert list(trials["cache_hit_rate"]) == [0.4, 0.4]  # the calls' own usage is reported separately
     agg = store.aggregate()
     assert agg.loc[0, "engine_cache_hit_rate_mean"] == pytest.approx(0.75)
+
+
+def test_timeline_frame_emits_cpu_util_per_interval_and_nan_when_not_recorded():
+    t = [0.0, 1.0, 2.0, 3.0, 4.0]
+    energy = {"cpu": [0.0, 10.0, 30.0, 60.0, 100.0]}
+    snap = Samples(t=t, energy_j=energy, gpu_util={}, cpu_util=[math.nan, 20.0, 40.0, 60.0, 80.0])
+    tf = timeline_frame(snap, 1.0, 3.0, "cpu=estimated:linear-tdp")
+    # rows are the intervals (1, 2] and (2, 3]: each carries the utilization measured over it
+    assert tf["t"].tolist() == [1.0, 2.0]
+    assert tf["cpu_util"].tolist() == [40.0, 60.0]
+    assert tf["power_w"].tolist() == [20.0, 30.0]
+    old = timeline_frame(Samples(t=t, energy_j=energy, gpu_util={}), 0.0, 4.0)
+    assert "cpu_util" in old and old["cpu_util"].isna().all()

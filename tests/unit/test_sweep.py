@@ -59,7 +59,7 @@ class CheapRunner:
 
         res = Result()
         res.summary, res.runs, res.meta = summary, runs, {"wall_s": wall}
-        res.timeline = pd.DataFrame({"t": [0.0, wall], "cpu_util": [0.5, 0.9], "gpu_util": [None, None]})
+        res.timeline = pd.DataFrame({"t": [0.0, wall], "cpu_util": [50.0, 90.0], "gpu_util": [None, None]})
         return res
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -9,7 +10,8 @@ import pytest
 
 from langchain_energy.errors import ConfigError
 from langchain_energy.meters import ManualClock, ReplayMeter
-from langchain_energy.timeline import Timeline, interpolate, shared_timeline
+from langchain_energy import timeline as timeline_mod
+from langchain_energy.timeline import Samples, Timeline, interpolate, shared_timeline
 
 
 def test_energy_between_interpolates_between_samples():
@@ -120,3 +122,51 @@ def test_concurrent_reads_while_sampling():
         t.join()
     tl.release()
     assert not errors and len(tl) <= 64
+
+
+def test_cpu_util_is_recorded_per_sample_and_stays_exact_through_thinning(monkeypatch):
+    # A scripted machine: one more CPU second per sample, busy for a varying share of it.
+    share = [0.1, 0.9, 0.5, 0.0, 1.0, 0.3, 0.7]
+    busy = [0.0]
+    for k in range(1, 200):
+        busy.append(busy[-1] + share[k % len(share)])
+    calls = iter(range(200))
+
+    def fake_cpu():
+        k = next(calls)
+        return busy[k], float(k)
+
+    monkeypatch.setattr(timeline_mod, "_cpu_busy_total", fake_cpu)
+    clock = ManualClock()
+    tl = Timeline(ReplayMeter({"cpu": [(0.0, 1.0)]}, clock=clock), max_samples=16)
+    for k in range(200):
+        clock.set(float(k))
+        tl.sample_now()
+    snap = tl.snapshot()
+    assert len(tl) <= 16 and len(snap.cpu_util) == len(snap.t)
+    assert math.isnan(snap.cpu_util[0])  # nothing precedes the first sample
+    # Between two kept samples the value is the utilization over all the dropped ones in between.
+    ks = [int(t) for t in snap.t]
+    for i in range(1, len(ks)):
+        expected = 100.0 * (busy[ks[i]] - busy[ks[i - 1]]) / (ks[i] - ks[i - 1])
+        assert snap.cpu_util[i] == pytest.approx(expected)
+
+
+def test_cpu_util_of_the_real_machine_is_a_percentage_per_sample():
+    meter = ReplayMeter({"cpu": [(0.0, 5.0)]}, clock=time.monotonic)
+    tl = Timeline(meter, interval_s=0.02, max_samples=8)  # small bound: thinning happens too
+    tl.acquire()
+    deadline = time.monotonic() + 0.4
+    while time.monotonic() < deadline:  # keep one core busy so there is something to measure
+        sum(range(1000))
+    tl.release()
+    snap = tl.snapshot()
+    assert len(snap.cpu_util) == len(snap.t) >= 4
+    measured = [u for u in snap.cpu_util if not math.isnan(u)]
+    assert measured and all(0.0 <= u <= 100.0 for u in measured)
+    assert max(measured) > 0.0
+
+
+def test_samples_built_without_cpu_util_still_work():
+    snap = Samples(t=[0.0, 1.0], energy_j={"cpu": [0.0, 2.0]}, gpu_util={})
+    assert snap.cpu_util == [] and snap.cumulative_at(0.5) == {"cpu": 1.0}
