@@ -88,7 +88,7 @@ PART_WORKLOADS = {
 # Engine arguments a part changes from its size's ``engine``.
 PART_ENGINE = {"search-graphs": {"enforce_eager": False}}
 # Repeats a part uses instead of its size's ``repeats`` (a third repeat where the points are cheap or noisy).
-PART_REPEATS = {"search-graphs": 3, "workloads-batch": 3}
+PART_REPEATS = {"search-graphs": 3, "workloads-batch": 3, "systems": 3}
 PARTS = ("search-batch", "search-output", "overhead", "workloads-batch", "systems", "search-graphs")
 SEARCH_PARTS = ("search-batch", "search-graphs")  # where the roofline looks for the best configuration
 
