@@ -10,7 +10,7 @@ Runs, in order, each part into its own resumable results store under DIR:
 5. ``systems``: summarization on vLLM alone and through Parrot's ServeCore in front of the same vLLM
    (needs ``PARROT_SRC``), across input length, output length and batch size, one knob at a time.
 6. ``search-graphs``: search at batch 1 to 16 with CUDA graphs and torch.compile (every other part runs the
-   engine eager, so its many restarts take seconds): how much of the batch-1 cost is kernel-launch overhead.
+   engine eager, so its many restarts skip compilation): how much of the batch-1 cost is kernel-launch overhead.
 
 Then it writes ``roofline.json`` (energy per token of the best search configuration against the decode
 roofline floor, on a GPU), the figures of each store and ``summary.md``. ``--time-budget`` stops starting
