@@ -40,7 +40,7 @@ import pandas as pd
 from chains.sweep import EngineTrialRunner, run_sweep
 from langchain_energy.errors import EnergyError
 from langchain_energy.knobs import PowerCap
-from langchain_energy.results import ResultStore, SweepSpec
+from langchain_energy.results import ResultStore, SweepSpec, write_json_atomic
 
 SEARCH = {"users": 8, "n_queries": 8, "max_follow_ups": 1, "ignore_eos": True, "preset": "study"}
 SIZES: dict[str, dict[str, Any]] = {
@@ -221,7 +221,7 @@ def overhead_part(size: dict, out: Path) -> str:
     report = {"pairs": pairs, "latency_ratio_median": statistics.median(latency),
               "energy_ratio_median": statistics.median(energy) if energy else None,
               "meter": timeline.meter.describe() if hasattr(timeline.meter, "describe") else None, "target": 1.05}
-    _write_json(target, report)
+    write_json_atomic(target, report, indent=2, default=str, sort_keys=False)
     return (f"overhead: latency ratio {report['latency_ratio_median']:.3f}, energy ratio "
             f"{report['energy_ratio_median'] if energy else float('nan'):.3f} (median of {len(pairs)} pairs)")
 
@@ -296,7 +296,8 @@ def roofline_part(out: Path) -> str:
         return "roofline: no finished search trial here, skipped"
     best_part = min(reports, key=lambda part: reports[part]["gpu_energy_per_token_j"])
     best = reports[best_part]
-    _write_json(out / "roofline.json", {"gpu": facts, "best": best_part, **reports})
+    write_json_atomic(out / "roofline.json", {"gpu": facts, "best": best_part, **reports}, indent=2, default=str,
+                      sort_keys=False)
     return (f"roofline: best {best_part} {best['best_config']['knob']}={best['best_config']['value']} "
             f"{best['gpu_energy_per_token_j']:.3f} GPU J/token, floor {best['floor_j_per_token']:.3f} J/token at "
             f"{best['mean_sequences_in_flight']:.1f} sequences in flight, ratio {best['ratio']:.2f}")
@@ -329,12 +330,6 @@ def write_summary(out: Path, lines: list[str]) -> Path:
     path = out / "summary.md"
     path.write_text("\n".join(text))
     return path
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -186,12 +186,16 @@ def frame_records(df: pd.DataFrame | None) -> list[dict[str, Any]]:
     return _jsonable(df.to_dict(orient="records"))
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, **dump_options: Any) -> None:
+    """Write ``data`` as JSON so that readers see the old file or the new one, never a part of it.
+
+    ``dump_options`` go to `json.dump` (keys are sorted unless ``sort_keys=False``).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, sort_keys=True)
+            json.dump(data, fh, **{"sort_keys": True, **dump_options})
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -238,18 +242,19 @@ class ResultStore:
         wanted = spec.to_dict()
         if self.spec_path.exists():
             have = self._read_spec_dict()
-            if have != wanted and _extends(wanted, have):
-                _atomic_write_json(self.spec_path, wanted)
-            elif have != wanted:
+            if have == wanted:
+                return
+            if not _extends(wanted, have):
                 diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
                 raise SweepMismatchError(
                     f"{self.path} holds a different sweep (differs in: {', '.join(diff)}); "
                     "rerun the same command to resume it, or choose another --out directory"
                 )
+            write_json_atomic(self.spec_path, wanted)
             return
         if self.trials_dir.exists() and any(self.trials_dir.glob("*.json")):
             raise SweepMismatchError(f"{self.path} holds trials but no sweep.json; choose another --out directory")
-        _atomic_write_json(self.spec_path, wanted)
+        write_json_atomic(self.spec_path, wanted)
 
     def _read_spec_dict(self) -> dict[str, Any]:
         try:
@@ -273,7 +278,7 @@ class ResultStore:
         target = self.trials_dir / f"{record.key}.json"
         if target.exists():
             raise DataError(f"trial {record.key} is already in {self.path}; the store is append-only")
-        _atomic_write_json(target, _jsonable(asdict(record)))
+        write_json_atomic(target, _jsonable(asdict(record)))
         return target
 
     def done_keys(self) -> set[str]:

@@ -23,7 +23,7 @@ import psutil
 
 from langchain_energy.errors import ConfigError
 from langchain_energy.meters.base import Clock, Meter
-from langchain_energy.meters.estimated import _busy_and_total
+from langchain_energy.meters.estimated import busy_fraction, cpu_busy_and_total
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _cpu_busy_total() -> tuple[float, float]:
     # Own deltas of cpu_times() rather than psutil.cpu_percent(): its baseline is kept per calling thread,
     # and samples come from the sampler, the handlers' threads and acquire/release alike.
     try:
-        return _busy_and_total(psutil.cpu_times())
+        return cpu_busy_and_total()
     except (OSError, psutil.Error):  # utilization is an extra; it must never cost an energy sample
         return math.nan, math.nan
 
@@ -84,9 +84,8 @@ def _percent(busy: list[float], total: list[float]) -> list[float]:
     """Utilization (percent) over each interval between consecutive cumulative samples; NaN for the first."""
     out = [math.nan] if busy else []
     for i in range(1, len(busy)):
-        d_total = total[i] - total[i - 1]
-        # A counter such as iowait may step back a little: clamp, as the estimated meter does.
-        out.append(min(max(100.0 * (busy[i] - busy[i - 1]) / d_total, 0.0), 100.0) if d_total > 0 else math.nan)
+        fraction = busy_fraction((busy[i - 1], total[i - 1]), (busy[i], total[i]))  # None when no time passed
+        out.append(100.0 * fraction if fraction is not None else math.nan)
     return out
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import psutil
 
@@ -102,11 +101,27 @@ class PowerModel:
         return d
 
 
-def _busy_and_total(times: Any) -> tuple[float, float]:
+def cpu_busy_and_total() -> tuple[float, float]:
+    """The whole machine's cumulative busy and total CPU seconds (subtract two readings for an interval)."""
+    times = psutil.cpu_times()
     total = sum(times)
     # iowait is time the CPU sat idle waiting on I/O: idle for power purposes.
     idle = times.idle + getattr(times, "iowait", 0.0)
     return total - idle, total
+
+
+def busy_fraction(earlier: tuple[float, float], later: tuple[float, float]) -> float | None:
+    """The busy fraction, in [0, 1], between two `cpu_busy_and_total` readings; None when no CPU time passed.
+
+    Example:
+        >>> busy_fraction((10.0, 40.0), (13.0, 44.0))
+        0.75
+    """
+    d_total = later[1] - earlier[1]
+    if not d_total > 0:
+        return None
+    # A counter such as iowait may step back a little: clamp.
+    return min(max((later[0] - earlier[0]) / d_total, 0.0), 1.0)
 
 
 class EstimatedMeter:
@@ -142,7 +157,7 @@ class EstimatedMeter:
         self._tdp_w = self.model.tdp_w()
         self._dram_w = self.model.dram_power_w()
         self._last_t = clock()
-        self._last_busy, self._last_total = _busy_and_total(psutil.cpu_times())
+        self._last_cpu = cpu_busy_and_total()
         self._energy = {c: 0.0 for c in self._components}
         self._last_util = 0.0
 
@@ -154,17 +169,17 @@ class EstimatedMeter:
         """Integrate the model's power since the previous reading and return the cumulative joules."""
         with self._lock:
             t = self.clock()
-            busy, total = _busy_and_total(psutil.cpu_times())
-            d_total = total - self._last_total
-            if d_total > 0:
-                self._last_util = min(max((busy - self._last_busy) / d_total, 0.0), 1.0)
+            cpu = cpu_busy_and_total()
+            util = busy_fraction(self._last_cpu, cpu)
+            if util is not None:
+                self._last_util = util
             dt = max(t - self._last_t, 0.0)
             if "cpu" in self._energy:
                 idle = self.model.idle_fraction
                 self._energy["cpu"] += dt * self._tdp_w * (idle + (1.0 - idle) * self._last_util)
             if "dram" in self._energy:
                 self._energy["dram"] += dt * self._dram_w
-            self._last_t, self._last_busy, self._last_total = t, busy, total
+            self._last_t, self._last_cpu = t, cpu
             return Reading(t=t, energy_j=dict(self._energy))
 
     @property
