@@ -73,6 +73,11 @@ class MetricsSnapshot:
         return self.get("num_requests_running")
 
     @property
+    def engine_steps(self) -> float:
+        """Engine steps (scheduler iterations) taken; fewer steps for the same tokens means fuller batches."""
+        return self.get("iteration_tokens_total_count")
+
+    @property
     def requests_finished(self) -> float:
         """Requests that finished, whatever the reason."""
         return self.get("request_success_total")
@@ -86,6 +91,7 @@ class MetricsSnapshot:
             "prompt_tokens": self.prompt_tokens,
             "generation_tokens": self.generation_tokens,
             "requests_finished": self.requests_finished,
+            "engine_steps": self.engine_steps,
         }
 
 

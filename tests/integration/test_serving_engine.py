@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 import time
 
 import psutil
@@ -55,30 +54,20 @@ def test_a_shared_prefix_is_served_from_the_cache_and_metrics_agree(serving_llm,
     assert delta.prompt_tokens == info["prompt_tokens"]
 
 
-def test_eight_concurrent_calls_are_in_the_engine_together(serving_llm, vllm_server):
-    peak = 0.0
-    done = threading.Event()
-
-    def watch():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, vllm_server.metrics().requests_running)
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
+def test_eight_concurrent_calls_share_the_engine_steps(serving_llm, vllm_server):
+    # The engine's own step counter, not a sampled gauge: one call at a time would take about one step per
+    # generated token, eight together about one step per eight.
+    before = vllm_server.metrics()
 
     async def eight():
         return await asyncio.gather(*(serving_llm.ainvoke(f"Write a sentence about the number {i}.",
                                                           max_tokens=48, ignore_eos=True) for i in range(8)))
 
-    try:
-        answers = asyncio.run(eight())
-    finally:
-        done.set()
-        watcher.join()
+    answers = asyncio.run(eight())
+    delta = vllm_server.metrics() - before
     assert len(answers) == 8 and all(answers)
-    assert peak > 1
+    assert delta.generation_tokens == 8 * 48
+    assert 0 < delta.engine_steps < delta.generation_tokens / 2
 
 
 def test_streaming_yields_tokens_then_the_accounting(serving_llm):

@@ -43,10 +43,21 @@ from langchain_core.language_models.fake import FakeListLLM  # noqa: E402
 
 
 class SlowFakeLLM(FakeListLLM):
-    """Test double of a served model: a fake LLM whose async calls take ``sleep`` seconds."""
+    """Test double of a served model: a fake LLM whose async calls take ``sleep`` seconds.
+
+    It counts the calls in flight, so tests read concurrency from ``peak_in_flight`` rather than from timings.
+    """
+
+    in_flight: int = 0
+    peak_in_flight: int = 0
 
     async def _acall(self, prompt, stop=None, run_manager=None, **kwargs):
         import asyncio
 
-        await asyncio.sleep(self.sleep or 0)
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.sleep or 0)
+        finally:
+            self.in_flight -= 1
         return await super()._acall(prompt, stop, run_manager, **kwargs)
