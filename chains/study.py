@@ -14,8 +14,9 @@ Runs, in order, each part into its own resumable results store under DIR:
 
 Then it writes ``roofline.json`` (energy per token of the best search configuration against the decode
 roofline floor, on a GPU), the figures of each store and ``summary.md``. ``--time-budget`` stops starting
-trials after that many seconds; rerunning the same command resumes. ``--size rehearse`` shrinks every part
-so the whole script runs on the embedded CPU engine in a few minutes (a rehearsal before GPU time).
+trials after that many seconds, and engines that could not fit one; rerunning the same command resumes.
+``--size rehearse`` shrinks every part so the whole script runs on the embedded CPU engine in a few minutes
+(a rehearsal before GPU time).
 
 Example:
     python -m chains.study --out results/study --size gpu --time-budget 540
@@ -339,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", choices=tuple(SIZES), default="gpu", help="gpu: 7B-shaped model; rehearse: tiny, CPU")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of: {', '.join(PARTS)}")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="start no trial after this many seconds; rerun to resume")
+                   help="start no trial after this many seconds, nor an engine that cannot fit one; rerun to resume")
     args = p.parse_args(argv)
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = sorted(set(parts) - set(PARTS))

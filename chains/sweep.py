@@ -119,6 +119,21 @@ class SweepOutcome:
     infeasible: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _Pace:
+    """How long this call's engine starts and trials took, to tell whether another configuration fits."""
+
+    longest_prepare_s: float = 0.0
+    shortest_trial_s: float | None = None
+
+    def fits(self, deadline: float | None) -> bool:
+        """Whether an engine start plus the shortest trial seen so far ends before ``deadline``."""
+        if deadline is None:
+            return True
+        needed = self.longest_prepare_s + (self.shortest_trial_s or 0.0)
+        return time.monotonic() + needed < deadline
+
+
 def _record(config: SweepConfig, repeat: int, result: Any, extra_meta: Mapping[str, Any]) -> TrialRecord:
     meta = dict(getattr(result, "meta", {}) or {})
     timeline = getattr(result, "timeline", None)
@@ -153,7 +168,8 @@ def run_sweep(
 
     The power caps are checked (range, privilege) before any trial runs, and the original limit is
     restored at the end whatever happens. With a ``deadline`` (a ``time.monotonic()`` instant) no trial
-    starts after it; the next call with the same store resumes there.
+    starts after it, and no configuration starts whose engine start plus the shortest trial seen so far
+    would end after it; the next call with the same store resumes there.
 
     Raises:
         SweepMismatchError: the store holds a different sweep.
@@ -170,12 +186,13 @@ def run_sweep(
     total = len(configs) * spec.repeats
     outcome = SweepOutcome(skipped=sum(c.key(r) in done for c in configs for r in range(spec.repeats)))
     bar = tqdm(total=total, initial=outcome.skipped, desc="trials", unit="trial", disable=not progress)
+    pace = _Pace()
     try:
         with power_cap:
             for config in configs:
                 pending = [r for r in range(spec.repeats) if config.key(r) not in done]
-                if pending and not _past(deadline):
-                    _run_config(config, pending, store, runner, power_cap, outcome, bar, deadline)
+                if pending and pace.fits(deadline):
+                    _run_config(config, pending, store, runner, power_cap, outcome, bar, deadline, pace)
     finally:
         bar.close()
         runner.close()
@@ -186,11 +203,13 @@ def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
 
 
-def _run_config(config, pending, store, runner, power_cap, outcome, bar, deadline=None) -> None:
+def _run_config(config, pending, store, runner, power_cap, outcome, bar, deadline, pace) -> None:
     bar.set_postfix_str(f"{config.workload} {config.knob}={config.value}")
     cap = config.settings.get("power_cap_w")
     try:
+        started = time.monotonic()
         runner.prepare(config)
+        pace.longest_prepare_s = max(pace.longest_prepare_s, time.monotonic() - started)
         if cap is not None:
             power_cap.set(cap)
         else:
@@ -198,10 +217,12 @@ def _run_config(config, pending, store, runner, power_cap, outcome, bar, deadlin
         for repeat in pending:
             if _past(deadline):
                 return
-            t0 = time.time()
+            t0 = time.monotonic()
             result = runner.run(config, repeat)
+            wall = time.monotonic() - t0
+            pace.shortest_trial_s = min(wall, pace.shortest_trial_s or wall)
             meta = {"power_cap_w": cap, "power_cap_mode": "dry-run" if power_cap.dry_run else "applied",
-                    "trial_wall_s": time.time() - t0} if cap is not None else {"trial_wall_s": time.time() - t0}
+                    "trial_wall_s": wall} if cap is not None else {"trial_wall_s": wall}
             store.append(_record(config, repeat, result, meta))
             outcome.ran += 1
             bar.update(1)
@@ -474,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parrot-url", default=None, help="ServeCore address for backend=parrot")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="start no trial after this many seconds; rerun the same command to resume")
+                   help="start no trial after this many seconds, nor an engine whose start and shortest trial "
+                   "so far would not fit; rerun the same command to resume")
     return p
 
 

@@ -244,3 +244,34 @@ def test_a_time_budget_stops_starting_trials_and_a_rerun_finishes_the_rest(tmp_p
     second = run_sweep(spec, store, CheapRunner(), defaults=DEFAULTS, progress=False)
     assert second.skipped == first.ran and first.ran + second.ran == 6
     assert len(store.done_keys()) == 6
+
+
+def test_a_time_budget_starts_no_engine_that_cannot_fit_one_trial(tmp_path, monkeypatch):
+    import types
+
+    import chains.sweep as sweep_module
+
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(sweep_module, "time", types.SimpleNamespace(monotonic=lambda: clock.now))
+
+    class SlowStartRunner(CheapRunner):
+        """Engine starts take 100 s and trials 10 s, on the test's clock."""
+
+        def prepare(self, config):
+            if not self.engines or self.engines[-1] != config.engine_key():
+                clock.now += 100
+            super().prepare(config)
+
+        def run(self, config, repeat):
+            clock.now += 10
+            return super().run(config, repeat)
+
+    spec = _spec(workloads=["search"], knobs={"batch-size": [1, 4]}, repeats=2)
+    # Two engines of 100 s plus two trials of 10 s each need 240 s.
+    tight = SlowStartRunner()
+    outcome = run_sweep(spec, ResultStore(tmp_path / "tight"), tight, defaults=DEFAULTS, progress=False, deadline=150)
+    assert outcome.ran == 2 and len(tight.engines) == 1  # at 120 s, 100 + 10 more would pass the deadline
+    roomy = SlowStartRunner()
+    clock.now = 0.0
+    outcome = run_sweep(spec, ResultStore(tmp_path / "roomy"), roomy, defaults=DEFAULTS, progress=False, deadline=250)
+    assert outcome.ran == 4 and len(roomy.engines) == 2
