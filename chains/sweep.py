@@ -220,7 +220,7 @@ def _run_config(config, pending, store, runner, power_cap, outcome, bar, deadlin
             t0 = time.monotonic()
             result = runner.run(config, repeat)
             wall = time.monotonic() - t0
-            pace.shortest_trial_s = min(wall, pace.shortest_trial_s or wall)
+            pace.shortest_trial_s = wall if pace.shortest_trial_s is None else min(wall, pace.shortest_trial_s)
             meta = {"power_cap_w": cap, "power_cap_mode": "dry-run" if power_cap.dry_run else "applied",
                     "trial_wall_s": wall} if cap is not None else {"trial_wall_s": wall}
             store.append(_record(config, repeat, result, meta))
