@@ -1,6 +1,6 @@
 """Studio graph: refine summarization of one document (input ``{"document": text, "chunk_tokens": 256}``)."""
 
-from chains.summarize import build_summarize_graph
+from chains.workloads.summarize import build_summarize_graph
 from graphs._llm import studio_llm
 
 # Short answers and chunks by default, so a run on the embedded CPU engine stays interactive.

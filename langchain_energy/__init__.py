@@ -5,14 +5,18 @@ from langchain_energy.backends.base import Completion, SamplingParams
 from langchain_energy.backends.metrics import MetricsClient, MetricsSnapshot
 from langchain_energy.backends.vllm_server import EngineConfig, VLLMServer
 from langchain_energy.callbacks import EnergyCallbackHandler, energy_callback
+from langchain_energy.chat_models import ChatServing
 from langchain_energy.errors import EnergyError
 from langchain_energy.llms import ServingLLM
+from langchain_energy.middleware import EnergyBudgetMiddleware
 from langchain_energy.meters import EstimatedMeter, PowerModel, ReplayMeter, ZeusMeter, auto_meter
 from langchain_energy.models import ModelSpec, resolve_model
 from langchain_energy.timeline import Timeline
 
 __all__ = [
+    "ChatServing",
     "Completion",
+    "EnergyBudgetMiddleware",
     "EnergyCallbackHandler",
     "EnergyError",
     "EngineConfig",

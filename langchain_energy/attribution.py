@@ -71,6 +71,10 @@ class Attribution:
         decode: per call with a known first token, the joules after it.
         outside: joules in pieces where no run was active.
         window: the (t0, t1) that was attributed.
+        components: the component keys, in input order.
+        share_s: seconds each run received (a piece's length times the run's share of it): an idle baseline
+            of P watts charges a run ``P * share_s`` joules, consistently with how energy was shared.
+        outside_s: seconds of pieces where no run was active.
     """
 
     total: Energy
@@ -80,6 +84,8 @@ class Attribution:
     outside: Energy
     window: tuple[float, float]
     components: tuple[str, ...] = field(default_factory=tuple)
+    share_s: dict[Hashable, float] = field(default_factory=dict)
+    outside_s: float = 0.0
 
     def calls_total(self, spans: Iterable[Span]) -> Energy:
         """Sum of the calls' shares per component."""
@@ -209,6 +215,8 @@ def attribute(
     }
     decode: dict[Hashable, Energy] = {k: {c: 0.0 for c in components} for k in prefill}
     outside = {c: 0.0 for c in components}
+    share_s: dict[Hashable, float] = {s.run_id: 0.0 for s in spans}
+    outside_s = 0.0
 
     by_id = {s.run_id: s for s in spans}
     order = sorted(range(len(spans)), key=lambda i: clip(spans[i].t_start))
@@ -231,6 +239,7 @@ def attribute(
             wsum = math.fsum(weights)
             for s, w in zip(calls, weights):
                 share = w / wsum
+                share_s[s.run_id] += (b - a) * share
                 tgt = direct[s.run_id]
                 phase = None
                 if s.run_id in prefill:
@@ -244,14 +253,16 @@ def attribute(
         if inner:
             share = 1.0 / len(inner)
             for rid in inner:
+                share_s[rid] += (b - a) * share
                 tgt = direct[rid]
                 for c, e in piece.items():
                     tgt[c] += e * share
         else:
+            outside_s += b - a
             for c, e in piece.items():
                 outside[c] += e
     return Attribution(total=total, direct=direct, prefill=prefill, decode=decode, outside=outside,
-                       window=(t0, t1), components=components)
+                       window=(t0, t1), components=components, share_s=share_s, outside_s=outside_s)
 
 
 def _weights(calls: list[Span], a: float, weighting: Weighting) -> list[float]:

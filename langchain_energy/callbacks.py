@@ -1,8 +1,8 @@
 """`EnergyCallbackHandler`: per-run latency, tokens and attributed energy for any LangChain/LangGraph code.
 
-The handler only timestamps runs (on the timeline's clock) and reads token counts; energy comes from one
-shared background timeline and is shared among runs by `langchain_energy.attribution` when results are
-asked for, so overlapping calls never double count.
+The handler records runs (timestamps on the timeline's clock, token counts) into the process-wide `Ledger`
+of its timeline, which every handler on that meter shares: a call shares each interval with every call in
+the process, whichever handler recorded it. Tables are built by `langchain_energy.accounting` once per change.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -24,70 +23,37 @@ from langchain_core.messages import BaseMessage, get_buffer_string
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.tracers.context import register_configure_hook
 
-from langchain_energy.attribution import Span, Weighting, attribute, token_rate_weights
+from langchain_energy.accounting import (
+    RUN_COLUMNS,
+    SUMMARY_COLUMNS,
+    Accounts,
+    EnergyColumns,
+    account,
+    group_provenance,
+)
+from langchain_energy.attribution import Weighting
 from langchain_energy.errors import ConfigError
-from langchain_energy.meters.base import COMPONENTS, UNAVAILABLE, Meter, component_group
-from langchain_energy.timeline import Timeline, provenance_by_group, shared_timeline
+from langchain_energy.ledger import CALL_KINDS, RunRecord
+from langchain_energy.meters.base import Meter
+from langchain_energy.timeline import Timeline, shared_timeline
 
 if TYPE_CHECKING:
     import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-CALL_KINDS = ("llm", "chat_model")
-
-#: Per-run columns of `EnergyCallbackHandler.to_dataframe`, in order.
-RUN_COLUMNS: tuple[str, ...] = (
-    "run_id", "parent_run_id", "root_run_id", "name", "kind", "tags", "status",
-    "t_start", "t_first_token", "t_end", "latency_s",
-    "prompt_tokens", "completion_tokens", "cached_tokens", "token_source",
-    "energy_j", "energy_cpu_j", "energy_gpu_j", "energy_dram_j",
-    "provenance_cpu", "provenance_gpu", "provenance_dram",
-    "prefill_energy_j", "decode_energy_j",
-    # beyond the fixed contract:
-    "orchestration_energy_j", "idle_energy_j", "active_energy_j",
-    "ttft_s", "langgraph_node", "langgraph_step", "metadata", "error",
-)
-
-#: Per-workflow columns of `EnergyCallbackHandler.summary`, in order.
-SUMMARY_COLUMNS: tuple[str, ...] = (
-    "workflow", "root_run_id", "latency_s", "llm_calls", "prompt_tokens", "completion_tokens",
-    "cached_tokens", "throughput_tok_s", "energy_j", "energy_cpu_j", "energy_gpu_j", "energy_dram_j",
-    "active_energy_j", "idle_energy_j", "energy_per_token_j", "cache_hit_rate", "provenance",
-    # beyond the fixed contract:
-    "status", "errors", "orchestration_energy_j", "decode_throughput_tok_s", "t_start", "t_end",
-)
+__all__ = [
+    "CALL_KINDS", "RUN_COLUMNS", "SUMMARY_COLUMNS", "EnergyCallbackHandler", "RunRecord", "energy_callback",
+    "get_energy_callback",
+]
 
 _NAN = float("nan")
 
+#: A sample this young already stands at a run's edge.
+_EDGE_FRESH_S = 0.002
 
-@dataclass
-class RunRecord:
-    """What the handler knows about one run (LLM call, chat-model call, chain, graph node, tool)."""
-
-    run_id: UUID
-    parent_run_id: UUID | None
-    root_run_id: UUID
-    name: str
-    kind: str
-    tags: list[str]
-    metadata: dict[str, Any]
-    t_start: float
-    status: str = "running"
-    t_first_token: float | None = None
-    t_end: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cached_tokens: int | None = None
-    token_source: str | None = None
-    ttft_s: float | None = None
-    error: str | None = None
-    prompt_text: str | None = field(default=None, repr=False)
-
-    @property
-    def is_call(self) -> bool:
-        """LLM and chat-model runs receive energy first."""
-        return self.kind in CALL_KINDS
+#: Integer token fields accepted from a response's accounting.
+_TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens")
 
 
 class _Lease:
@@ -128,9 +94,19 @@ def _as_int(x: Any) -> int | None:
         return None
 
 
-def _sum_opt(values: Sequence[int | None]) -> int | None:
-    known = [v for v in values if v is not None]
-    return sum(known) if known else None
+def _as_uuid(x: str) -> UUID | None:
+    try:
+        return UUID(x)
+    except ValueError:
+        return None
+
+
+def _as_seconds(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v >= 0 else None
 
 
 class EnergyCallbackHandler(BaseCallbackHandler):
@@ -138,7 +114,8 @@ class EnergyCallbackHandler(BaseCallbackHandler):
 
     Pass it as a callback to any chain, graph, LLM or chat model (sync or async, `batch`/`abatch`, concurrent
     graphs). Energy is sampled by one shared background timeline (started at the first run, stopped by
-    `close()`), and shared among overlapping LLM calls so that the per-run numbers add up to what the meter saw.
+    `close()`) and shared among overlapping calls by the timeline's ledger, which all handlers on the same
+    meter share: per-run joules add up to what the meter saw, however many handlers are alive.
 
     Args:
         meter: where joules come from; the process-wide automatic meter (`auto_meter()`) by default.
@@ -154,16 +131,19 @@ class EnergyCallbackHandler(BaseCallbackHandler):
 
     Example:
         ```python
-        handler = EnergyCallbackHandler()
-        chain.invoke({"text": doc}, config={"callbacks": [handler]})
-        handler.close()
-        handler.to_dataframe()   # one row per run: energy_j, energy_cpu_j, provenance_cpu, ...
+        with EnergyCallbackHandler() as handler:
+            chain.invoke({"text": doc}, config={"callbacks": [handler]})
+        handler.to_dataframe()   # one row per run: energy_j, energy_measured_j, provenance_gpu, ...
         print(handler.report())
         ```
     """
 
     raise_error: bool = False
-    run_inline: bool = True  # timestamps taken in the caller's event loop, not an executor queue
+    # Not inline: langchain-core's async `on_llm_start` hands the event only to inline handlers whenever one is
+    # present, so an inline handler here would silence the user's other handlers. Our timestamps stay sharp
+    # regardless: LangChain awaits start events before the request is sent, and the package's models carry
+    # each call's own latency and first-token time in the response.
+    run_inline: bool = False
 
     def __init__(
         self,
@@ -180,15 +160,19 @@ class EnergyCallbackHandler(BaseCallbackHandler):
             raise ConfigError(f"weighting must be 'equal' or 'tokens', got {weighting!r}")
         self.weighting: Weighting = weighting
         self.timeline = timeline if timeline is not None else shared_timeline(meter, sample_interval_s)
+        self.ledger = self.timeline.ledger
         self._clock = self.timeline.clock
-        self._edge_age_s = self.timeline.interval_s / 4
         self.token_counter = token_counter
         self._lock = threading.RLock()
-        self._runs: dict[UUID, RunRecord] = {}
+        self._runs: dict[Hashable, RunRecord] = {}
+        self._batches: dict[tuple[str, int], tuple[Hashable, int]] = {}
+        self._batch_responses: dict[Hashable, list[tuple[LLMResult, RunRecord]]] = {}
         self._lease: _Lease | None = None
         self._finalizer: weakref.finalize | None = None
-        self._version = 0
-        self._cache: tuple[int, int, Any] | None = None
+        self._cache: tuple[tuple[int, float], Accounts] | None = None
+        self._frozen: tuple[list[RunRecord], Accounts] | None = None
+        self._warned_end_only = False
+        self._also: EnergyCallbackHandler | None = None  # an enclosing `energy_callback()` block's handler
         self.idle_power_w: dict[str, float] | None = self._resolve_idle(idle_power_w, idle_measure_s)
 
     # -- set-up ------------------------------------------------------------------------------------------
@@ -232,6 +216,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
             raise ConfigError("the meter's clock did not advance during the idle measurement")
         watts = {k: j / (t1 - t0) for k, j in self.timeline.energy_between(t0, t1).items()}
         self.idle_power_w = watts
+        self._cache = None
         return watts
 
     def _ensure_started(self) -> None:
@@ -242,8 +227,17 @@ class EnergyCallbackHandler(BaseCallbackHandler):
                     self._finalizer = weakref.finalize(self, self._lease.release)
 
     def close(self) -> None:
-        """Stop holding the timeline (its sampler stops when no handler holds it). Results stay readable."""
+        """Stop holding the timeline and freeze the results at this instant.
+
+        Results stay readable and no longer change: a run still open now is reported with status
+        ``"open_at_close"`` and the joules it had received so far. A run started later reopens the handler.
+        """
         with self._lock:
+            if self._lease is not None and self._frozen is None and self._runs:
+                self.timeline.sample_now()
+                t = self._clock()
+                records = self.runs
+                self._frozen = (records, self._account(records, t, open_status="open_at_close"))
             lease, self._lease = self._lease, None
             if self._finalizer is not None:
                 self._finalizer.detach()
@@ -260,82 +254,225 @@ class EnergyCallbackHandler(BaseCallbackHandler):
 
     # -- recording ---------------------------------------------------------------------------------------
     def _start(self, run_id: UUID, parent_run_id: UUID | None, kind: str, name: str,
-               tags: list[str] | None, metadata: dict[str, Any] | None, prompt_text: str | None = None) -> None:
+               tags: list[str] | None, metadata: dict[str, Any] | None, prompt_text: str | None = None,
+               batch_size: int = 1) -> None:
+        if self._also is not None:
+            self._also._start(run_id, parent_run_id, kind, name, tags, metadata, prompt_text, batch_size)
         if self._lease is None:
             self._ensure_started()
-        t = self._clock()
-        with self._lock:
+        # Stamp the start under the ledger's lock: a fold can then never pass a start it has not seen.
+        with self._lock, self.ledger.lock:
+            t = self._clock()
+            if run_id in self._runs:
+                return  # the same run seen twice (a handler passed explicitly inside its own block)
+            self._frozen = None
             parent = self._runs.get(parent_run_id) if parent_run_id is not None else None
             rec = RunRecord(
                 run_id=run_id, parent_run_id=parent_run_id,
                 root_run_id=parent.root_run_id if parent is not None else run_id,
                 name=name, kind=kind, tags=list(tags or []), metadata=dict(metadata or {}), t_start=t,
-                prompt_text=prompt_text if self.token_counter is not None else None,
+                prompt_text=prompt_text if self.token_counter is not None else None, batch_size=batch_size,
             )
+            if rec.is_call and batch_size > 1:
+                rec.batch_key = self._batch_key(name, batch_size, run_id)
+            rec = self.ledger.open(rec)
             self._runs[run_id] = rec
-            self._version += 1
-        if parent is None:
-            # A sharp left edge for each workflow, skipped when a sample is fresh: reading a meter costs
-            # tens of microseconds, which matters for rapid-fire calls and not at all for interpolation.
-            self.timeline.sample_if_stale(self._edge_age_s)
+        if rec.is_call or parent is None:
+            self._sample_edge()
+
+    def _sample_edge(self) -> None:
+        """Sample at every call's edges, not interpolate across a counter step. A sample younger than
+        `_EDGE_FRESH_S` is that edge already: no counter (NVML steps every ~100 ms, RAPL every ~1 ms) can show
+        anything new so soon, and rapid-fire calls then cost one meter read, not one each."""
+        self.timeline.sample_if_stale(_EDGE_FRESH_S, edge=True)
+
+    def _end_only_call(self, run_id: UUID, parent_run_id: UUID | None, t: float, response: LLMResult) -> RunRecord:
+        """A call whose start event never came (langchain-core's async `on_llm_start` skips non-inline
+        handlers when an inline one, such as LangSmith's tracer, is present): rebuilt from its end."""
+        if not self._warned_end_only:
+            self._warned_end_only = True
+            logger.warning("an LLM call ended whose start this handler never saw (LangChain skips non-inline "
+                           "handlers' async on_llm_start beside an inline handler); recorded from its end, "
+                           "with timing='end-only'. See the README: 'Other callback handlers'.")
+        info = next((g.generation_info or {} for c in response.generations for g in c), {})
+        took = (_as_seconds(info.get("sent_after_s")) or 0.0) + (_as_seconds(info.get("latency_s")) or 0.0)
+        with self._lock, self.ledger.lock:
+            parent = self._runs.get(parent_run_id) if parent_run_id is not None else None
+            rec = RunRecord(run_id=run_id, parent_run_id=parent_run_id,
+                            root_run_id=parent.root_run_id if parent is not None else run_id, name="llm",
+                            kind="llm", tags=[], metadata={}, t_start=max(t - took, self.ledger.folded_to),
+                            timing="end-only")
+            rec = self.ledger.open(rec)
+            self._runs[run_id] = rec
+        return rec
+
+    def _batch_key(self, name: str, size: int, run_id: Hashable) -> Hashable:
+        # LangChain starts a batch's calls one after another, each with batch_size; group consecutive ones.
+        key, members = self._batches.get((name, size), (None, size))
+        if key is None or members >= size:
+            key, members = run_id, 0
+        self._batches[(name, size)] = (key, members + 1)
+        return key
 
     def _finish(self, run_id: UUID, status: str, error: BaseException | None = None,
-                response: LLMResult | None = None) -> None:
+                response: LLMResult | None = None, parent_run_id: UUID | None = None) -> None:
+        if self._also is not None:
+            self._also._finish(run_id, status, error, response, parent_run_id)
         t = self._clock()
         with self._lock:
             rec = self._runs.get(run_id)
-            if rec is None:
+        if rec is None:
+            if response is None:
                 return
+            rec = self._end_only_call(run_id, parent_run_id, t, response)
+        with self.ledger.lock:
+            if rec.t_end is not None:
+                return  # another handler already recorded this run's end
             rec.t_end = t
             rec.status = status
             if error is not None:
                 rec.error = f"{type(error).__name__}: {error}"
             if response is not None:
-                self._read_tokens(rec, response)
+                self._read_response(rec, response)
             rec.prompt_text = None
-            self._version += 1
-            is_root = rec.root_run_id == rec.run_id
-        if is_root:
-            self.timeline.sample_if_stale(self._edge_age_s)  # a sharp right edge
+        if rec.takes_energy_first or rec.root_run_id == rec.run_id:
+            self._sample_edge()
+        self.ledger.changed()
+        if response is not None and rec.is_call:
+            if rec.batch_key is None:
+                self._put_energy_on(response, rec)
+            else:
+                self._put_energy_on_batch(response, rec)
 
-    def _read_tokens(self, rec: RunRecord, response: LLMResult) -> None:
+    def _put_energy_on_batch(self, response: LLMResult, rec: RunRecord) -> None:
+        # A batch's calls end (by their own edges) before LangChain reports the last of them: their split is
+        # final once every member has been reported.
+        with self._lock:
+            members = self._batch_responses.setdefault(rec.batch_key, [])
+            members.append((response, rec))
+            if len(members) < rec.batch_size:
+                return
+            del self._batch_responses[rec.batch_key]
+        for member_response, member in members:
+            self._put_energy_on(member_response, member)
+
+    def _put_energy_on(self, response: LLMResult, rec: RunRecord) -> None:
+        """Give a call's joules to the user where LangChain users look, once its split is final.
+
+        Only for this package's models (their responses carry ``latency_s``); any class: `energy_of`.
+        """
+        if not any("latency_s" in (g.generation_info or {})
+                   or "latency_s" in getattr(getattr(g, "message", None), "response_metadata", {})
+                   for c in response.generations for g in c):
+            return
+        energy = self._call_energy(rec)
+        if energy is None or not energy["final"]:
+            return
+        for candidates in response.generations:
+            for g in candidates:
+                if isinstance(g, ChatGeneration):
+                    g.message.response_metadata["energy"] = energy
+                else:
+                    g.generation_info = {**(g.generation_info or {}), "energy": energy}
+
+    def _call_energy(self, rec: RunRecord) -> dict[str, Any] | None:
+        view = self.ledger.view(self.weighting, runs=[rec.run_id])
+        received = view.received.get(rec.run_id)
+        if received is None:
+            return None
+        cols = EnergyColumns(self.timeline.attributed_provenance())
+        out: dict[str, Any] = dict(cols.columns(received.energy))
+        if received.prefill is not None:
+            out["prefill_energy_j"] = cols.columns(received.prefill)["energy_j"]
+            out["decode_energy_j"] = cols.columns(received.decode or {})["energy_j"]
+        out["provenance"] = dict(cols.groups)
+        out["final"] = rec.run_id in view.final
+        return out
+
+    def _read_response(self, rec: RunRecord, response: LLMResult) -> None:
         gens = [g for candidates in response.generations for g in candidates]
         infos = [g.generation_info or {} for g in gens]
-        firsts = [(c[0].generation_info or {}) for c in response.generations if c]
-        if any("prompt_tokens" in i or "completion_tokens" in i for i in infos):
-            # Per-call accounting placed by the serving LLM in each generation.
-            rec.prompt_tokens = _sum_opt([_as_int(i.get("prompt_tokens")) for i in firsts])
-            rec.completion_tokens = _sum_opt([_as_int(i.get("completion_tokens")) for i in infos])
-            rec.cached_tokens = _sum_opt([_as_int(i.get("cached_tokens")) for i in firsts])
-            rec.token_source = str(next((i["token_source"] for i in infos if i.get("token_source")), "generation_info"))
-            ttfts = [float(i["ttft_s"]) for i in infos if i.get("ttft_s") is not None]
-            if ttfts:
-                rec.ttft_s = min(ttfts)
+        first = infos[0] if infos else {}
+        if any(k in first for k in _TOKEN_KEYS):
+            # Per-call accounting placed by the serving model in the generation (one call = one prompt).
+            rec.prompt_tokens = _as_int(first.get("prompt_tokens"))
+            rec.completion_tokens = _as_int(first.get("completion_tokens"))
+            rec.cached_tokens = _as_int(first.get("cached_tokens"))
+            rec.token_source = str(first.get("token_source") or "generation_info")
+            self._read_timing(rec, first)
+            return
+        usage = next((g.message.usage_metadata for g in gens
+                      if isinstance(g, ChatGeneration) and getattr(g.message, "usage_metadata", None)), None)
+        token_usage = (response.llm_output or {}).get("token_usage") or {}
+        if usage:
+            # A response's usage is on every choice (n > 1): read it once, never sum it over choices.
+            rec.prompt_tokens = _as_int(usage.get("input_tokens"))
+            rec.completion_tokens = _as_int(usage.get("output_tokens"))
+            rec.cached_tokens = _as_int((usage.get("input_token_details") or {}).get("cache_read"))
+            rec.token_source = "usage_metadata"
+        elif rec.batch_size == 1 and (token_usage.get("prompt_tokens") is not None
+                                      or token_usage.get("completion_tokens") is not None):
+            rec.prompt_tokens = _as_int(token_usage.get("prompt_tokens"))
+            rec.completion_tokens = _as_int(token_usage.get("completion_tokens"))
+            details = token_usage.get("prompt_tokens_details") or {}
+            rec.cached_tokens = _as_int(token_usage.get("cached_tokens", details.get("cached_tokens")))
+            rec.token_source = "llm_output"
+        elif self.token_counter is not None:
+            # Also for a batch, whose llm_output holds only the batch's sum: an aggregate is never one call's.
+            try:
+                rec.prompt_tokens = self.token_counter(rec.prompt_text or "")
+                rec.completion_tokens = sum(self.token_counter(g.text) for g in gens)
+                rec.token_source = "counted"
+            except Exception as exc:  # a tokenizer failure must not break the user's chain
+                logger.warning("token counting failed for run %s: %s", rec.run_id, exc)
+        elif rec.batch_size > 1:
+            rec.token_source = "unavailable:batch-aggregate"
+        if rec.batch_size > 1:
+            rec.timing = "batch"
+        ttft = _as_seconds(first.get("ttft_s"))
+        if rec.t_first_token is None and ttft is not None:
+            rec.t_first_token = min(rec.t_start + ttft, rec.t_end or math.inf)
+
+    def _read_timing(self, rec: RunRecord, info: Mapping[str, Any]) -> None:
+        """Use the call's own edges from the response (one prompt of a batch ends before the batch does).
+
+        The package's models report ``sent_after_s`` (from the call's start to its request being sent),
+        ``engine_start_s`` (the part of it spent starting the managed engine), ``latency_s`` and ``ttft_s``.
+        """
+        assert rec.t_end is not None
+        engine_start = _as_seconds(info.get("engine_start_s")) or 0.0
+        sent_after = max(_as_seconds(info.get("sent_after_s")) or 0.0, engine_start)
+        latency = _as_seconds(info.get("latency_s"))
+        ttft = _as_seconds(info.get("ttft_s"))
+        rec.ttft_s = ttft
+        if rec.timing == "end-only":
+            return
+        if engine_start > 0:
+            # The managed engine started inside this call: that time is a run of its own, never the call's.
+            self._engine_start_run(rec, min(rec.t_start + engine_start, rec.t_end))
+        if engine_start > 0:
+            rec.t_start = min(rec.t_start + engine_start, rec.t_end)
+        if latency is not None and rec.batch_size > 1:
+            # One prompt of a batch: LangChain ends it at the batch's end, the response knows its own end.
+            start = min(rec.t_start + sent_after - engine_start, rec.t_end)
+            rec.t_start, rec.t_end = start, min(rec.t_end, start + latency)
+            rec.timing = "response"
+        elif rec.batch_size > 1:
+            rec.timing = "batch"
         else:
-            usages = [g.message.usage_metadata for g in gens
-                      if isinstance(g, ChatGeneration) and getattr(g.message, "usage_metadata", None)]
-            token_usage = (response.llm_output or {}).get("token_usage") or {}
-            if usages:
-                rec.prompt_tokens = sum(int(u.get("input_tokens", 0)) for u in usages)
-                rec.completion_tokens = sum(int(u.get("output_tokens", 0)) for u in usages)
-                cached = [(u.get("input_token_details") or {}).get("cache_read") for u in usages]
-                rec.cached_tokens = _sum_opt([_as_int(c) for c in cached])
-                rec.token_source = "usage_metadata"
-            elif token_usage.get("prompt_tokens") is not None or token_usage.get("completion_tokens") is not None:
-                rec.prompt_tokens = _as_int(token_usage.get("prompt_tokens"))
-                rec.completion_tokens = _as_int(token_usage.get("completion_tokens"))
-                details = token_usage.get("prompt_tokens_details") or {}
-                rec.cached_tokens = _as_int(token_usage.get("cached_tokens", details.get("cached_tokens")))
-                rec.token_source = "llm_output"
-            elif self.token_counter is not None:
-                try:
-                    rec.prompt_tokens = self.token_counter(rec.prompt_text or "")
-                    rec.completion_tokens = sum(self.token_counter(g.text) for g in gens)
-                    rec.token_source = "counted"
-                except Exception as exc:  # a tokenizer failure must not break the user's chain
-                    logger.warning("token counting failed for run %s: %s", rec.run_id, exc)
-        if rec.t_first_token is None and rec.ttft_s is not None and rec.t_end is not None:
-            rec.t_first_token = min(rec.t_start + rec.ttft_s, rec.t_end)
+            # A lone call keeps LangChain's edges: they are stamped as they happen, so the split of every
+            # call that overlapped it is final at that call's own end (no edge moves into the past).
+            rec.t_first_token = min(rec.t_start + sent_after - engine_start + (ttft or 0.0), rec.t_end)
+        if ttft is not None and rec.timing != "callback":
+            rec.t_first_token = min(rec.t_start + ttft, rec.t_end)
+
+    def _engine_start_run(self, call: RunRecord, t_end: float) -> None:
+        run_id = f"engine_start:{call.run_id}"
+        rec = RunRecord(run_id=run_id, parent_run_id=None, root_run_id=run_id, name="engine_start",
+                        kind="engine_start", tags=[], metadata={"during_run_id": str(call.run_id)},
+                        t_start=call.t_start, t_end=t_end, status="ok")
+        with self._lock:
+            self._runs[run_id] = self.ledger.open(rec)
 
     # LangChain callback methods -------------------------------------------------------------------------
     def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID,
@@ -343,7 +480,8 @@ class EnergyCallbackHandler(BaseCallbackHandler):
                      metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
         """Record the start of an LLM call."""
         self._start(run_id, parent_run_id, "llm", _run_name(serialized, kwargs, "llm"), tags, metadata,
-                    "\n".join(prompts) if self.token_counter is not None else None)
+                    "\n".join(prompts) if self.token_counter is not None else None,
+                    batch_size=_as_int(kwargs.get("batch_size")) or 1)
 
     def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *,
                             run_id: UUID, parent_run_id: UUID | None = None, tags: list[str] | None = None,
@@ -351,10 +489,12 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         """Record the start of a chat-model call."""
         text = "\n".join(get_buffer_string(m) for m in messages) if self.token_counter is not None else None
         self._start(run_id, parent_run_id, "chat_model", _run_name(serialized, kwargs, "chat_model"), tags,
-                    metadata, text)
+                    metadata, text, batch_size=_as_int(kwargs.get("batch_size")) or 1)
 
     def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
         """Note the first streamed token's time."""
+        if self._also is not None:
+            self._also.on_llm_new_token(token, run_id=run_id, **kwargs)
         rec = self._runs.get(run_id)
         if rec is not None and rec.t_first_token is None:
             t = self._clock()
@@ -362,9 +502,10 @@ class EnergyCallbackHandler(BaseCallbackHandler):
                 if rec.t_first_token is None:
                     rec.t_first_token = t
 
-    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+    def on_llm_end(self, response: LLMResult, *, run_id: UUID, parent_run_id: UUID | None = None,
+                   **kwargs: Any) -> None:
         """Record the end of an LLM or chat-model call and its tokens."""
-        self._finish(run_id, "ok", response=response)
+        self._finish(run_id, "ok", response=response, parent_run_id=parent_run_id)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Record a failed LLM call (the error is kept; the chain goes on as LangChain decides)."""
@@ -415,169 +556,122 @@ class EnergyCallbackHandler(BaseCallbackHandler):
     # -- results -----------------------------------------------------------------------------------------
     @property
     def runs(self) -> list[RunRecord]:
-        """A copy of the run records, in start order."""
+        """A copy of the run records, in start order (as frozen at `close()` once closed)."""
         with self._lock:
-            return sorted((RunRecord(**{k: getattr(r, k) for k in r.__dataclass_fields__}) for r in self._runs.values()),
-                          key=lambda r: r.t_start)
+            if self._frozen is not None:
+                return [_copy(r) for r in self._frozen[0]]
+            return sorted((_copy(r) for r in self._runs.values()), key=lambda r: r.t_start)
 
     def reset(self) -> None:
         """Forget recorded runs (the timeline keeps sampling)."""
         with self._lock:
+            ids = list(self._runs)
             self._runs.clear()
-            self._version += 1
+            self._frozen = None
+            self._cache = None
+        self.ledger.release(ids)
 
-    def _spans(self, records: list[RunRecord], now: float) -> list[Span]:
-        spans = []
-        for r in records:
-            t_end = r.t_end if r.t_end is not None else max(now, r.t_start)
-            pw, dw = 1.0, None
-            if self.weighting == "tokens" and r.is_call:
-                pw, dw = token_rate_weights(r.prompt_tokens, r.completion_tokens, r.t_start, t_end,
-                                            r.t_first_token, r.cached_tokens)
-            first = r.t_first_token if r.is_call else None
-            spans.append(Span(run_id=r.run_id, t_start=r.t_start, t_end=t_end, is_call=r.is_call,
-                              parent_id=r.parent_run_id if r.parent_run_id in self._runs else None,
-                              t_first_token=first, prefill_weight=pw, decode_weight=dw))
-        return spans
+    def _account(self, records: list[RunRecord], t: float, open_status: str = "running") -> Accounts:
+        view = self.ledger.view(self.weighting, t=t, runs=[r.run_id for r in records])
+        return account(records, view, self.timeline.attributed_provenance(), self.idle_power_w, open_status=open_status,
+                       resolution_s=getattr(self.timeline.meter, "resolution_s", None))
 
-    def _compute(self) -> tuple[list[RunRecord], list[Span], Any, dict[Any, dict[str, float]],
-                                dict[Any, dict[str, float]]]:
+    def _accounts(self) -> Accounts:
+        """The tables, computed once per change of the ledger (or frozen at close)."""
+        with self._lock:
+            if self._frozen is not None:
+                return self._frozen[1]
         records = self.runs
-        now = self._clock()
-        last = self.timeline.last_sample_t
-        if records and (last is None or last < max(r.t_end if r.t_end is not None else now for r in records)):
-            self.timeline.sample_now()  # cover the right edge of the newest run
-        samples = self.timeline.snapshot()
-        spans = self._spans(records, now)
-        cumulative = dict(samples.energy_j)
-        if self.idle_power_w is not None and samples.t:
-            # The idle baseline is attributed like a component of constant power, so per-run idle shares add up.
-            watts = math.fsum(self.idle_power_w.values())
-            cumulative["__idle__"] = [watts * (t - samples.t[0]) for t in samples.t]
-        result = attribute(samples.t, cumulative, spans, weighting=self.weighting)
-        inclusive = result.inclusive(spans)
-        zero = {c: 0.0 for c in result.components}
-        calls_only = type(result)(total=result.total, outside=result.outside, window=result.window,
-                                  prefill=result.prefill, decode=result.decode, components=result.components,
-                                  direct={s.run_id: (result.direct[s.run_id] if s.is_call else zero) for s in spans})
-        return records, spans, result, inclusive, calls_only.inclusive(spans)
+        if records and any(r.t_end is None for r in records):
+            self.timeline.sample_now()  # cover open runs up to now
+        last = self.timeline.last_sample_t or 0.0
+        t = max(last, max((r.t_end for r in records if r.t_end is not None), default=last))
+        key = (self.ledger.version, t)
+        cached = self._cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        accounts = self._account(records, t)
+        self._cache = (key, accounts)
+        return accounts
 
-    def _energy_cols(self, energy: Mapping[str, float]) -> dict[str, float]:
-        groups = provenance_by_group(self.timeline.provenance)
-        out: dict[str, float] = {}
-        for g in COMPONENTS:
-            if groups[g] == UNAVAILABLE:
-                out[f"energy_{g}_j"] = _NAN
-            else:
-                out[f"energy_{g}_j"] = math.fsum(v for k, v in energy.items() if component_group(k) == g)
-        known = [v for v in out.values() if not math.isnan(v)]
-        out["energy_j"] = math.fsum(known) if known else _NAN
-        return out
+    def energy_of(self, run_id: UUID | str) -> dict[str, Any] | None:
+        """One run's energy as soon as it is known: joules by component, provenance, and whether final.
 
-    def _idle(self, energy: Mapping[str, float]) -> float:
-        return energy.get("__idle__", _NAN) if self.idle_power_w is not None else _NAN
+        Works for any run this handler recorded, from any LangChain class. A call's split is final at its end
+        with equal weighting; with token weighting, once every call that overlapped it has ended. For calls
+        (which have no children) this is cheap; for a chain it builds the tables.
+
+        Returns:
+            ``{"energy_j", "energy_cpu_j", "energy_gpu_j", "energy_dram_j", "energy_measured_j",
+            "energy_gpu<i>_j"..., "prefill_energy_j", "decode_energy_j", "provenance", "final"}``, or None
+            for a run this handler did not record.
+        """
+        with self._lock:
+            rec = self._runs.get(run_id)
+            if rec is None and isinstance(run_id, str):
+                rec = self._runs.get(_as_uuid(run_id))
+        if rec is None:
+            return None
+        if rec.is_call and self._frozen is None:
+            return self._call_energy(rec)
+        key = str(run_id)
+        for row in self._accounts().runs:
+            if row["run_id"] == key:
+                out = {k: v for k, v in row.items() if k.startswith("energy_") or k.endswith("_energy_j")}
+                out["provenance"] = {g: row[f"provenance_{g}"] for g in ("cpu", "gpu", "dram")}
+                out["final"] = row["final"]
+                return out
+        return None
 
     def to_dataframe(self) -> pd.DataFrame:
-        """One row per run with timing, tokens, energy by component and provenance (columns: `RUN_COLUMNS`)."""
+        """One row per run with timing, tokens, energy by component and provenance (columns: `RUN_COLUMNS`).
+
+        Per-GPU joules follow as ``energy_gpu<index>_j``; ``df.attrs["provenance"]`` says where every energy
+        column comes from.
+        """
         import pandas as pd
 
-        records, spans, result, inclusive, calls_inc = self._compute()
-        prov = provenance_by_group(self.timeline.provenance)
-        rows = []
-        for r in records:
-            e = self._energy_cols(inclusive[r.run_id])
-            calls_e = self._energy_cols(calls_inc[r.run_id])["energy_j"]
-            idle = self._idle(inclusive[r.run_id])
-            pre = result.prefill.get(r.run_id)
-            dec = result.decode.get(r.run_id)
-            t_end = r.t_end
-            rows.append({
-                "run_id": str(r.run_id),
-                "parent_run_id": str(r.parent_run_id) if r.parent_run_id else None,
-                "root_run_id": str(r.root_run_id),
-                "name": r.name, "kind": r.kind, "tags": list(r.tags), "status": r.status,
-                "t_start": r.t_start, "t_first_token": r.t_first_token, "t_end": t_end,
-                "latency_s": (t_end - r.t_start) if t_end is not None else _NAN,
-                "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                "cached_tokens": r.cached_tokens, "token_source": r.token_source,
-                **e,
-                "provenance_cpu": prov["cpu"], "provenance_gpu": prov["gpu"], "provenance_dram": prov["dram"],
-                "prefill_energy_j": self._energy_cols(pre)["energy_j"] if pre is not None else _NAN,
-                "decode_energy_j": self._energy_cols(dec)["energy_j"] if dec is not None else _NAN,
-                "orchestration_energy_j": e["energy_j"] - calls_e,
-                "idle_energy_j": idle, "active_energy_j": e["energy_j"] - idle,
-                "ttft_s": (r.t_first_token - r.t_start) if r.t_first_token is not None else r.ttft_s,
-                "langgraph_node": r.metadata.get("langgraph_node"),
-                "langgraph_step": r.metadata.get("langgraph_step"),
-                "metadata": dict(r.metadata), "error": r.error,
-            })
-        df = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+        accounts = self._accounts()
+        extra = sorted({k for row in accounts.runs for k in row} - set(RUN_COLUMNS))
+        df = pd.DataFrame(accounts.runs, columns=[*RUN_COLUMNS, *extra])
         for col in ("prompt_tokens", "completion_tokens", "cached_tokens"):
             df[col] = df[col].astype("Int64")
+        df.attrs["provenance"] = dict(accounts.column_provenance)
         return df
 
     def summary(self) -> pd.DataFrame:
-        """One row per workflow (root run): latency, tokens, throughput, energy, energy per token, cache hits."""
+        """One row per workflow (root run): latency, tokens, throughput, energy, energy per token, cache hits.
+
+        Energy per token leaves out calls without a completion count on both sides (``calls_without_tokens``
+        says how many); ``energy_per_token_measured_j`` divides only measured joules.
+        """
         import pandas as pd
 
-        records, spans, result, inclusive, calls_inc = self._compute()
-        prov = provenance_by_group(self.timeline.provenance)
-        prov_str = "; ".join(f"{g}={prov[g]}" for g in COMPONENTS)
-        by_root: dict[UUID, list[RunRecord]] = {}
-        for r in records:
-            by_root.setdefault(r.root_run_id, []).append(r)
-        now = self._clock()
-        rows = []
-        for root_id, members in by_root.items():
-            root = next((m for m in members if m.run_id == root_id), members[0])
-            calls = [m for m in members if m.is_call]
-            t_end = max((m.t_end if m.t_end is not None else now) for m in members)
-            t_start = min(m.t_start for m in members)
-            latency = t_end - t_start
-            prompt = _sum_opt([c.prompt_tokens for c in calls])
-            completion = _sum_opt([c.completion_tokens for c in calls])
-            with_cache = [c for c in calls if c.cached_tokens is not None and c.prompt_tokens]
-            cached = _sum_opt([c.cached_tokens for c in with_cache])
-            hit_rate = (cached / sum(c.prompt_tokens or 0 for c in with_cache)) if with_cache else _NAN
-            e = self._energy_cols(inclusive[root.run_id])
-            calls_e = self._energy_cols(calls_inc[root.run_id])["energy_j"]
-            idle = self._idle(inclusive[root.run_id])
-            decode_time = _union_length([(c.t_first_token, c.t_end) for c in calls
-                                         if c.t_first_token is not None and c.t_end is not None])
-            rows.append({
-                "workflow": root.name, "root_run_id": str(root_id), "latency_s": latency,
-                "llm_calls": len(calls), "prompt_tokens": prompt, "completion_tokens": completion,
-                "cached_tokens": cached,
-                "throughput_tok_s": (completion / latency) if completion is not None and latency > 0 else _NAN,
-                **e,
-                "active_energy_j": e["energy_j"] - idle, "idle_energy_j": idle,
-                "energy_per_token_j": (e["energy_j"] / completion) if completion else _NAN,
-                "cache_hit_rate": hit_rate, "provenance": prov_str,
-                "status": "error" if any(m.status == "error" for m in members) else
-                          ("running" if any(m.status == "running" for m in members) else "ok"),
-                "errors": sum(m.status == "error" for m in members),
-                "orchestration_energy_j": e["energy_j"] - calls_e,
-                "decode_throughput_tok_s": (completion / decode_time) if completion and decode_time > 0 else _NAN,
-                "t_start": t_start, "t_end": t_end,
-            })
-        df = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+        accounts = self._accounts()
+        extra = sorted({k for row in accounts.workflows for k in row} - set(SUMMARY_COLUMNS))
+        df = pd.DataFrame(accounts.workflows, columns=[*SUMMARY_COLUMNS, *extra])
         for col in ("prompt_tokens", "completion_tokens", "cached_tokens"):
             df[col] = df[col].astype("Int64")
+        df.attrs["provenance"] = dict(accounts.column_provenance)
         return df
 
-    def totals(self) -> dict[str, float]:
-        """Metered joules per component over the recorded runs' window, and what no run received.
+    def totals(self, group: str | None = None) -> dict[str, float]:
+        """Metered joules over the recorded runs' window, and how they were received.
+
+        Args:
+            group: ``"cpu"``, ``"gpu"`` or ``"dram"`` for that group's joules only; None for all components.
 
         Returns:
             ``{"metered_j", "calls_j", "orchestration_j", "outside_j"}``: calls + orchestration + outside
-            equals metered (the conservation law).
+            equals metered. ``outside_j`` is what no run of this handler received in its window (gaps between
+            runs, and calls recorded by other handlers at the same time).
         """
-        records, spans, result, _, _ = self._compute()
-        comps = [c for c in result.components if c != "__idle__"]
-        calls = math.fsum(result.direct[s.run_id][c] for s in spans if s.is_call for c in comps)
-        orch = math.fsum(result.direct[s.run_id][c] for s in spans if not s.is_call for c in comps)
-        return {"metered_j": math.fsum(result.total[c] for c in comps), "calls_j": calls,
-                "orchestration_j": orch, "outside_j": math.fsum(result.outside[c] for c in comps)}
+        totals = self._accounts().totals
+        if group is not None and group not in ("cpu", "gpu", "dram"):
+            raise ConfigError(f"group must be 'cpu', 'gpu' or 'dram', got {group!r}")
+        if group is not None and group not in totals:
+            return {"metered_j": _NAN, "calls_j": _NAN, "orchestration_j": _NAN, "outside_j": _NAN}
+        return dict(totals["" if group is None else group])
 
     def timeline_frame(self) -> pd.DataFrame:
         """The sampled timeline: one row per sample with cumulative joules and mean watts since the previous one.
@@ -604,7 +698,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         return pd.DataFrame(data)
 
     def report(self) -> str:
-        """A readable text report: one block per workflow, then where the numbers come from."""
+        """A readable text report: one block per workflow, then where every number comes from."""
         s = self.summary()
         lines = ["Energy report", "============="]
         if s.empty:
@@ -615,17 +709,24 @@ class EnergyCallbackHandler(BaseCallbackHandler):
                          f"tokens in/out/cached {_fmt_int(row.prompt_tokens)}/{_fmt_int(row.completion_tokens)}/"
                          f"{_fmt_int(row.cached_tokens)}, throughput {_fmt(row.throughput_tok_s)} tok/s")
             lines.append(f"  energy {_fmt(row.energy_j)} J (cpu {_fmt(row.energy_cpu_j)}, gpu {_fmt(row.energy_gpu_j)}, "
-                         f"dram {_fmt(row.energy_dram_j)}); active {_fmt(row.active_energy_j)} J, "
-                         f"idle {_fmt(row.idle_energy_j)} J; {_fmt(row.energy_per_token_j, 4)} J/token; "
-                         f"cache hit rate {_fmt(row.cache_hit_rate, 3)}")
-        lines.append("provenance: " + "; ".join(f"{g}={p}" for g, p in provenance_by_group(self.timeline.provenance).items()))
+                         f"dram {_fmt(row.energy_dram_j)}), of which measured {_fmt(row.energy_measured_j)} J; "
+                         f"active {_fmt(row.active_energy_j)} J, idle {_fmt(row.idle_energy_j)} J; "
+                         f"{_fmt(row.energy_per_token_j, 4)} J/token; cache hit rate {_fmt(row.cache_hit_rate, 3)}")
+            if row.calls_without_tokens:
+                lines.append(f"  {row.calls_without_tokens} call(s) reported no token counts: left out of J/token")
+        prov = group_provenance(self.timeline.attributed_provenance())
+        lines.append("provenance: " + "; ".join(f"{g}={p}" for g, p in prov.items()))
         lines.append(f"meter: {self.timeline.meter.describe()}")
-        lines.append(f"sampling every {self.timeline.interval_s:.3f} s, {len(self.timeline)} samples, "
+        lines.append(f"sampling every {self.timeline.interval_s:.3f} s (and at every call's edges), "
                      f"weighting={self.weighting}, idle baseline="
                      f"{'none' if self.idle_power_w is None else f'{math.fsum(self.idle_power_w.values()):.2f} W'}")
         if self.timeline.errors:
             lines.append(f"meter read failures: {self.timeline.errors} (last: {self.timeline.last_error})")
         return "\n".join(lines)
+
+
+def _copy(r: RunRecord) -> RunRecord:
+    return RunRecord(**{k: getattr(r, k) for k in r.__dataclass_fields__})
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -642,18 +743,8 @@ def _fmt_int(x: Any) -> str:
         return "n/a"
 
 
-def _union_length(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, -math.inf
-    for a, b in sorted(intervals):
-        if b <= end:
-            continue
-        total += b - max(a, end)
-        end = b
-    return total
-
-
 # Registered once, like langchain-core's usage callback: runs started inside `energy_callback()` pick the
-# handler up without passing callbacks explicitly.
+# handler up without passing callbacks explicitly. A nested block's handler also feeds the enclosing one.
 _energy_callback_var: ContextVar[EnergyCallbackHandler | None] = ContextVar("langchain_energy_callback", default=None)
 register_configure_hook(_energy_callback_var, inheritable=True)
 
@@ -661,6 +752,8 @@ register_configure_hook(_energy_callback_var, inheritable=True)
 @contextmanager
 def energy_callback(**handler_kwargs: Any) -> Iterator[EnergyCallbackHandler]:
     """Meter every LangChain run started in this context (and its threads/tasks) with one handler.
+
+    Blocks nest: runs inside an inner block are recorded by the inner handler and by every enclosing one.
 
     Args:
         **handler_kwargs: passed to `EnergyCallbackHandler`.
@@ -676,9 +769,73 @@ def energy_callback(**handler_kwargs: Any) -> Iterator[EnergyCallbackHandler]:
         ```
     """
     cb = EnergyCallbackHandler(**handler_kwargs)
+    yield from _in_block(cb)
+
+
+def _in_block(cb: EnergyCallbackHandler) -> Iterator[EnergyCallbackHandler]:
+    cb._also = _energy_callback_var.get()
     token = _energy_callback_var.set(cb)
     try:
+        cb._ensure_started()
         yield cb
     finally:
         _energy_callback_var.reset(token)
         cb.close()
+
+
+class ModelEnergyCallbackHandler(EnergyCallbackHandler):
+    """An `EnergyCallbackHandler` that also sums energy and tokens per model name (`energy_by_model`).
+
+    Example:
+        ```python
+        with get_energy_callback() as cb:
+            llm.invoke("Hello")
+        cb.energy_by_model   # {"SmolLM2-135M-Instruct": {"energy_j": 3.2, "calls": 1, ...}}
+        ```
+    """
+
+    @property
+    def energy_by_model(self) -> dict[str, dict[str, float]]:
+        """Per model name: calls, tokens, joules (total, measured, per component) and provenance."""
+        accounts = self._accounts()
+        names = {str(r.run_id): _model_name(r) for r in self.runs if r.is_call}
+        out: dict[str, dict[str, Any]] = {}
+        for row in accounts.runs:
+            name = names.get(row["run_id"])
+            if name is None:
+                continue
+            agg = out.setdefault(name, {"calls": 0, "input_tokens": 0, "output_tokens": 0, "energy_j": 0.0,
+                                        "energy_measured_j": 0.0, "energy_cpu_j": 0.0, "energy_gpu_j": 0.0,
+                                        "energy_dram_j": 0.0})
+            agg["calls"] += 1
+            agg["input_tokens"] += int(row["prompt_tokens"] or 0)
+            agg["output_tokens"] += int(row["completion_tokens"] or 0)
+            for k in ("energy_j", "energy_measured_j", "energy_cpu_j", "energy_gpu_j", "energy_dram_j"):
+                agg[k] += row[k]
+            agg["provenance"] = {g: row[f"provenance_{g}"] for g in ("cpu", "gpu", "dram")}
+        return out
+
+
+def _model_name(r: RunRecord) -> str:
+    return str(r.metadata.get("ls_model_name") or r.name)
+
+
+@contextmanager
+def get_energy_callback(**handler_kwargs: Any) -> Iterator[ModelEnergyCallbackHandler]:
+    """Like langchain-core's `get_usage_metadata_callback()`, for joules: energy per model name in a block.
+
+    Args:
+        **handler_kwargs: passed to the handler.
+
+    Yields:
+        A `ModelEnergyCallbackHandler`; read ``energy_by_model`` inside or after the block.
+
+    Example:
+        ```python
+        with get_energy_callback() as cb:
+            chain.invoke({"text": doc})
+        print(cb.energy_by_model)
+        ```
+    """
+    cb = ModelEnergyCallbackHandler(**handler_kwargs)
+    yield from _in_block(cb)

@@ -29,6 +29,10 @@ class BackendError(EnergyError):
     """A serving backend (vLLM, Parrot) failed a request."""
 
 
+class AuthenticationError(BackendError):
+    """The server refused the API key (HTTP 401/403): it is missing or wrong. The key itself is never shown."""
+
+
 class BackendUnreachableError(BackendError):
     """No server answered at the configured address within the timeout."""
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
-from pydantic import ConfigDict, Field, PrivateAttr
+from langchain_core.utils import secret_from_env
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
+from langchain_energy._auth import key_to_send
 from langchain_energy._loop import iterate_sync, run_sync
+from langchain_energy.meters.served import serve_on_gpus
 from langchain_energy.backends.base import Backend, Completion, SamplingParams
 from langchain_energy.backends.openai_compat import OpenAICompatBackend
 from langchain_energy.backends.vllm_server import EngineConfig, VLLMServer, shared_server
@@ -72,6 +76,11 @@ class ServingLLM(BaseLLM):
     """``chat`` applies the model's chat template to the prompt; ``completions`` sends it raw."""
     tokenizer: str | None = None
     """Tokenizer directory for counting tokens (default: the registry model's)."""
+    api_key: SecretStr | None = Field(default_factory=secret_from_env("OPENAI_API_KEY", default=None))
+    """API key sent as a bearer token to a vLLM server (default: ``OPENAI_API_KEY``); never logged."""
+    gpu_indices: list[int] | None = None
+    """GPUs (this machine's indices) that a URL backend's server runs on: only their joules go to calls.
+    The managed server knows its own; None for a URL backend leaves every metered GPU attributed."""
     connect_timeout_s: float = Field(default=10.0, gt=0)
     """Seconds to wait for a connection before calling the server unreachable."""
     request_timeout_s: float = Field(default=600.0, gt=0)
@@ -114,6 +123,8 @@ class ServingLLM(BaseLLM):
         with self._lock:
             if self._backend is None:
                 self._backend = self._make_backend()
+                if self.gpu_indices is not None:
+                    serve_on_gpus(self.gpu_indices)
             return self._backend
 
     async def _aget_backend(self) -> Backend:
@@ -141,7 +152,8 @@ class ServingLLM(BaseLLM):
             base_url, model, health_check = (
                 self._server.base_url, self._server.served_model_name, self._server.check_alive)
         return OpenAICompatBackend(base_url, model, api=self.api, connect_timeout_s=self.connect_timeout_s,
-                                   request_timeout_s=self.request_timeout_s, health_check=health_check)
+                                   request_timeout_s=self.request_timeout_s, health_check=health_check,
+                                   api_key=key_to_send(self.api_key, self.backend, self.engine))
 
     def _tokenizer_path(self) -> str:
         if self.tokenizer:
@@ -165,9 +177,23 @@ class ServingLLM(BaseLLM):
         generations = [[Generation(text=c.text, generation_info=c.generation_info())] for c in completions]
         return LLMResult(generations=generations, llm_output={"token_usage": usage, "model_name": model})
 
-    async def _complete_all(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
-        backend = self.get_backend()
-        return list(await asyncio.gather(*(backend.acomplete(p, params) for p in prompts)))
+    async def _complete_all(self, prompts: list[str], params: SamplingParams, backend: Backend,
+                            t_enter: float, engine_start_s: float) -> list[Completion]:
+        async def one(prompt: str) -> Completion:
+            sent_after = time.monotonic() - t_enter
+            completion = await backend.acomplete(prompt, params)
+            # Each call's own edges, so a meter can end each prompt of a batch at its own end.
+            completion.extra["sent_after_s"] = sent_after
+            if engine_start_s > 0:
+                completion.extra["engine_start_s"] = engine_start_s
+            return completion
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    def _engine_start_s(self, t_enter: float, was_started: bool) -> float:
+        # A managed engine started inside this call: reported so that its joules are never the call's.
+        took = time.monotonic() - t_enter
+        return took if not was_started and took >= _ENGINE_START_MIN_S else 0.0
 
     def _generate(
         self,
@@ -176,9 +202,13 @@ class ServingLLM(BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        t_enter = time.monotonic()
         params = self._sampling(stop, **kwargs)
+        was_started = self._backend is not None
         backend = self.get_backend()
-        return self._result(run_sync(self._complete_all(prompts, params)), backend.model_name)
+        engine_s = self._engine_start_s(t_enter, was_started)
+        completions = run_sync(self._complete_all(prompts, params, backend, t_enter, engine_s))
+        return self._result(completions, backend.model_name)
 
     async def _agenerate(
         self,
@@ -187,9 +217,13 @@ class ServingLLM(BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        t_enter = time.monotonic()
         params = self._sampling(stop, **kwargs)
+        was_started = self._backend is not None
         backend = await self._aget_backend()
-        return self._result(await self._complete_all(prompts, params), backend.model_name)
+        engine_s = self._engine_start_s(t_enter, was_started)
+        completions = await self._complete_all(prompts, params, backend, t_enter, engine_s)
+        return self._result(completions, backend.model_name)
 
     def _stream(
         self,
@@ -219,6 +253,10 @@ class ServingLLM(BaseLLM):
             if run_manager and chunk.text:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
+
+
+#: Below this, getting the backend was a lookup, not an engine start.
+_ENGINE_START_MIN_S = 0.5
 
 
 def _chunk(event) -> GenerationChunk:

@@ -1,10 +1,10 @@
 """One background sampler per meter: a bounded, thread-safe record of cumulative joules over time.
 
-The timeline stores *cumulative* joules per component at each sample. Energy between two instants is the
-difference of the (linearly interpolated) cumulative values, so any sub-sampling keeps every joule: when the
-buffer is full, every other interior sample is dropped, halving the resolution of old data but never its
-total. Several handlers share one timeline; `acquire`/`release` count them, and the sampler thread runs
-while the count is positive.
+The timeline stores *cumulative* joules per component at each sample and hands every sample to its
+`Ledger`, which shares the joules among runs exactly and keeps samples only as far back as an open call
+needs. The timeline's own copy is for display (figures, `timeline_frame`): when it is full, every other
+interior sample is dropped, halving the resolution of old data but never its total. Several handlers share
+one timeline; `acquire`/`release` count them, and the sampler thread runs while the count is positive.
 
 Each sample also records the whole machine's CPU time, busy and total, cumulatively for the same reason:
 utilization between two kept samples stays exact after thinning.
@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 import psutil
 
 from langchain_energy.errors import ConfigError
+from langchain_energy.ledger import Ledger, interpolate
 from langchain_energy.meters.base import Clock, Meter
+from langchain_energy.meters.served import is_attributed, served_gpus
 from langchain_energy.meters.estimated import busy_fraction, cpu_busy_and_total
 
 logger = logging.getLogger(__name__)
@@ -48,26 +50,6 @@ class Samples:
     def cumulative_at(self, t: float) -> dict[str, float]:
         """Cumulative joules per component at instant `t`, interpolated; clamped outside the samples."""
         return {k: interpolate(self.t, v, t) for k, v in self.energy_j.items()}
-
-
-def interpolate(ts: list[float], ys: list[float], t: float) -> float:
-    """Piecewise-linear value of the series (ts, ys) at t, held constant beyond both ends.
-
-    Example:
-        >>> interpolate([0.0, 2.0], [0.0, 10.0], 0.5)
-        2.5
-    """
-    if not ts:
-        return 0.0
-    if t <= ts[0]:
-        return ys[0]
-    if t >= ts[-1]:
-        return ys[-1]
-    i = bisect.bisect_right(ts, t)
-    t0, t1 = ts[i - 1], ts[i]
-    if t1 == t0:
-        return ys[i]
-    return ys[i - 1] + (ys[i] - ys[i - 1]) * (t - t0) / (t1 - t0)
 
 
 def _cpu_busy_total() -> tuple[float, float]:
@@ -121,6 +103,7 @@ class Timeline:
         self._t: list[float] = []
         self._e: dict[str, list[float]] = {k: [] for k in self.provenance}
         self._util: dict[int, list[float]] = {}
+        self.ledger = Ledger(self.provenance)
         self._cpu_busy: list[float] = []  # cumulative CPU seconds, one per sample
         self._cpu_total: list[float] = []
         self._data_lock = threading.Lock()
@@ -174,8 +157,13 @@ class Timeline:
             self.sample_now()
 
     # -- sampling ----------------------------------------------------------------------------------------
-    def sample_now(self) -> None:
-        """Take one sample immediately (handlers call this at run boundaries for sharp edges)."""
+    def sample_now(self, edge: bool = False) -> None:
+        """Take one sample immediately (handlers call this at run boundaries for sharp edges).
+
+        Args:
+            edge: a run's edge: the machine's CPU times are not read (utilization is recorded by the
+                periodic samples; an edge carries the previous reading, so its interval reads as NaN).
+        """
         try:
             r = self.meter.read()
         except Exception as exc:  # a failing meter must not kill the sampler or the user's chain
@@ -187,18 +175,23 @@ class Timeline:
         with self._data_lock:
             if self._t and r.t < self._t[-1]:
                 return  # a reading raced a later one: keep time monotone
+            # Cumulative joules never fall: a reading that raced another one, or a counter that stepped back,
+            # holds the previous value (the meters correct wraps; this only keeps the record consistent).
+            energy = {k: max(float(r.energy_j.get(k, s[-1] if s else 0.0)), s[-1] if s else -math.inf)
+                      for k, s in self._e.items()}
             # Read under the lock so the cumulative CPU times are stored in the order they were read.
-            busy, total = _cpu_busy_total()
+            busy, total = (self._cpu_busy[-1], self._cpu_total[-1]) if edge and self._t else _cpu_busy_total()
             if self._t and r.t == self._t[-1]:
                 for k in self._e:
-                    self._e[k][-1] = float(r.energy_j.get(k, self._e[k][-1]))
+                    self._e[k][-1] = energy[k]
                 self._cpu_busy[-1], self._cpu_total[-1] = busy, total
                 return
             self._t.append(r.t)
             self._cpu_busy.append(busy)
             self._cpu_total.append(total)
             for k, series in self._e.items():
-                series.append(float(r.energy_j.get(k, series[-1] if series else 0.0)))
+                series.append(energy[k])
+            self.ledger.add_sample(r.t, energy, held=self._held_components())
             n = len(self._t)
             for i, series in self._util.items():
                 series.append(float(r.gpu_util.get(i, series[-1] if series else float("nan"))))
@@ -208,11 +201,20 @@ class Timeline:
             if n > self.max_samples:
                 self._thin()
 
-    def sample_if_stale(self, max_age_s: float) -> None:
+    def _held_components(self) -> frozenset[str]:
+        served = served_gpus()
+        return frozenset(k for k in self.provenance if not is_attributed(k, served))
+
+    def attributed_provenance(self) -> dict[str, str]:
+        """Provenance of the components whose joules are shared among calls (GPUs the engines serve on)."""
+        served = served_gpus()
+        return {k: p for k, p in self.provenance.items() if is_attributed(k, served)}
+
+    def sample_if_stale(self, max_age_s: float, edge: bool = False) -> None:
         """Sample now unless the newest sample is younger than `max_age_s` (cheap edges for rapid-fire runs)."""
         last = self.last_sample_t
         if last is None or self.clock() - last >= max_age_s:
-            self.sample_now()
+            self.sample_now(edge=edge)
 
     def _thin(self) -> None:
         # Keep the first and last samples and every other one between: cumulative values make this lossless

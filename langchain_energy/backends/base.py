@@ -94,6 +94,8 @@ class StreamEvent:
 
     text: str = ""
     completion: Completion | None = None
+    tool_calls: tuple[dict, ...] = ()
+    """Tool-call deltas of a chat completion as the server streams them (``index``, ``id``, ``function``)."""
 
 
 @runtime_checkable

@@ -16,6 +16,7 @@ import httpx
 
 from langchain_energy.backends.base import Completion, SamplingParams, StreamEvent
 from langchain_energy.errors import (
+    AuthenticationError,
     BackendError,
     BackendUnreachableError,
     ConfigError,
@@ -37,6 +38,7 @@ class OpenAICompatBackend:
         request_timeout_s: how long one request may take in all.
         health_check: called when the connection fails, to turn "connection refused" into the real cause
             (a managed server that died raises `ServerDiedError` naming its log).
+        api_key: sent as a bearer token (a server started with ``--api-key``, or a gateway); never logged.
 
     Example:
         >>> backend = OpenAICompatBackend("http://127.0.0.1:8000/v1", "smollm2-135m")  # doctest: +SKIP
@@ -52,6 +54,7 @@ class OpenAICompatBackend:
         connect_timeout_s: float = 10.0,
         request_timeout_s: float = 600.0,
         health_check: Callable[[], None] | None = None,
+        api_key: str | None = None,
     ) -> None:
         if api not in ("chat", "completions"):
             raise ConfigError(f"api must be 'chat' or 'completions', got {api!r}")
@@ -62,6 +65,7 @@ class OpenAICompatBackend:
         self.api = api
         self.timeout = httpx.Timeout(request_timeout_s, connect=connect_timeout_s)
         self.health_check = health_check
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # httpx async clients belong to one event loop; keep one per loop that calls us.
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
             weakref.WeakKeyDictionary()
@@ -72,13 +76,25 @@ class OpenAICompatBackend:
         client = self._clients.get(loop)
         if client is None:
             limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-            client = self._clients[loop] = httpx.AsyncClient(timeout=self.timeout, limits=limits)
+            client = self._clients[loop] = httpx.AsyncClient(timeout=self.timeout, limits=limits,
+                                                             headers=self._headers)
         return client
 
-    def request_body(self, prompt: str, params: SamplingParams) -> dict:
-        """The JSON body of one streaming request."""
+    def request_body(self, prompt: str, params: SamplingParams, *, messages: list[dict] | None = None,
+                     extra: dict | None = None, model: str | None = None) -> dict:
+        """The JSON body of one streaming request.
+
+        Args:
+            prompt: the user's text (ignored when `messages` is given).
+            params: sampling parameters.
+            messages: a whole chat conversation in OpenAI form, sent instead of `prompt` (chat API only).
+            extra: more fields merged into the body (``tools``, ``tool_choice``, ``response_format``, ...).
+            model: the served model name for this request only (default: the backend's).
+        """
+        if messages is not None and self.api != "chat":
+            raise ConfigError("a message list needs the chat API (api='chat')")
         body: dict = {
-            "model": self.model_name,
+            "model": model or self.model_name,
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
@@ -86,7 +102,7 @@ class OpenAICompatBackend:
             "stream_options": {"include_usage": True},
         }
         if self.api == "chat":
-            body["messages"] = [{"role": "user", "content": prompt}]
+            body["messages"] = messages if messages is not None else [{"role": "user", "content": prompt}]
         else:
             body["prompt"] = prompt
         if params.ignore_eos:
@@ -97,12 +113,18 @@ class OpenAICompatBackend:
             body["seed"] = params.seed
         if params.priority is not None:
             body["priority"] = params.priority
+        if extra:
+            body.update(extra)
         return body
 
-    async def astream(self, prompt: str, params: SamplingParams) -> AsyncIterator[StreamEvent]:
-        """Stream text deltas; the last event carries the finished `Completion`."""
+    async def astream(self, prompt: str, params: SamplingParams, *, messages: list[dict] | None = None,
+                      extra: dict | None = None, model: str | None = None) -> AsyncIterator[StreamEvent]:
+        """Stream text (and tool-call) deltas; the last event carries the finished `Completion`.
+
+        `messages`, `extra` and `model` are as in `request_body`.
+        """
         url = f"{self.base_url}/{'chat/completions' if self.api == 'chat' else 'completions'}"
-        body = self.request_body(prompt, params)
+        body = self.request_body(prompt, params, messages=messages, extra=extra, model=model)
         started = time.perf_counter()
         ttft = None
         pieces: list[str] = []
@@ -120,16 +142,22 @@ class OpenAICompatBackend:
                     if data == "[DONE]":
                         break
                     chunk = json.loads(data)
+                    if chunk.get("error"):
+                        # vLLM reports some refusals (e.g. a schema its grammar cannot decode) inside the stream.
+                        raise self._stream_error(chunk["error"])
                     if chunk.get("usage"):
                         usage = chunk["usage"]
                     for choice in chunk.get("choices") or ():
-                        text = (choice.get("delta") or {}).get("content") if self.api == "chat" else choice.get("text")
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content") if self.api == "chat" else choice.get("text")
                         finish_reason = choice.get("finish_reason") or finish_reason
-                        if text:
+                        calls = tuple(delta.get("tool_calls") or ())
+                        if text or calls:
                             if ttft is None:
                                 ttft = time.perf_counter() - started
-                            pieces.append(text)
-                            yield StreamEvent(text=text)
+                            if text:
+                                pieces.append(text)
+                            yield StreamEvent(text=text or "", tool_calls=calls)
         except httpx.ConnectError as exc:
             self._raise_if_dead()
             raise BackendUnreachableError(
@@ -157,12 +185,22 @@ class OpenAICompatBackend:
             )
         )
 
-    async def acomplete(self, prompt: str, params: SamplingParams) -> Completion:
-        """Generate one completion."""
-        async for event in self.astream(prompt, params):
+    async def acomplete(self, prompt: str, params: SamplingParams, **request: object) -> Completion:
+        """Generate one completion (`request`: ``messages``, ``extra``, ``model`` as in `request_body`)."""
+        async for event in self.astream(prompt, params, **request):
             if event.completion is not None:
                 return event.completion
         raise BackendError("the stream ended without a completion")  # pragma: no cover - astream always yields one
+
+    def _stream_error(self, error: object) -> Exception:
+        """An error event sent inside a stream, as the same error types as an HTTP error status."""
+        if not isinstance(error, dict):
+            return BackendError(f"the server failed the request mid-stream: {str(error)[:500]}")
+        message = str(error.get("message") or error)[:500]
+        code = error.get("code")
+        if isinstance(code, int) and 400 <= code < 500:
+            return ConfigError(f"the server refused the request (HTTP {code}): {message}")
+        return BackendError(f"the server failed the request mid-stream: {message}")
 
     def _raise_if_dead(self) -> None:
         if self.health_check is not None:
@@ -175,6 +213,10 @@ class OpenAICompatBackend:
         except (ValueError, AttributeError):
             message = response.text
         message = str(message)[:500]
+        if response.status_code in (401, 403):
+            return AuthenticationError(
+                f"{self.base_url} refused the API key (HTTP {response.status_code}): "
+                + ("the key is wrong" if self._headers else "none was given; pass api_key= or set OPENAI_API_KEY"))
         if response.status_code == 404 and "model" in message.lower():
             return ModelNotFoundError(f"{self.base_url} does not serve model {self.model_name!r}: {message}")
         if response.status_code == 400 and any(p in message.lower() for p in _CONTEXT_PHRASES):

@@ -27,6 +27,7 @@ import httpx
 from langchain_energy._process import stop_process_group
 from langchain_energy.backends.metrics import MetricsClient, MetricsSnapshot
 from langchain_energy.errors import ConfigError, InfeasibleConfigError, ServerDiedError, ServerStartError
+from langchain_energy.meters.served import serve_on_gpus
 from langchain_energy.models import ModelSpec, resolve_model
 
 # vLLM's words for "this configuration does not fit in memory" at start-up (GPU and CPU backends). They
@@ -70,6 +71,8 @@ class EngineConfig:
         dtype: weights dtype (None: the registry's choice).
         seed: engine seed, for repeatable sampling.
         scheduling_policy: "fcfs" or "priority" (then requests may carry a priority, lower first).
+        tool_call_parser: vLLM's tool-call parser for the model (e.g. "hermes"), which lets chat models use
+            ``tool_choice="auto"``; None: no parser (forced tool calls still work, by JSON-schema decoding).
         extra_args: more command-line flags passed through unchanged.
 
     Example:
@@ -89,6 +92,7 @@ class EngineConfig:
     dtype: str | None = None
     seed: int = 0
     scheduling_policy: str = "fcfs"
+    tool_call_parser: str | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -109,6 +113,32 @@ class EngineConfig:
     def with_changes(self, **changes) -> EngineConfig:
         """A copy with some knobs changed."""
         return replace(self, **changes)
+
+    @property
+    def gpu_count(self) -> int:
+        """How many GPUs the engine occupies on a GPU host: tensor x pipeline x data parallel sizes.
+
+        vLLM places its workers on the first that many of the devices it sees; the sizes come from
+        `extra_args` (``--tensor-parallel-size``/``-tp``, ``--pipeline-parallel-size``/``-pp``,
+        ``--data-parallel-size``/``-dp``, each 1 when absent).
+
+        Example:
+            >>> EngineConfig(extra_args=("--tensor-parallel-size", "2", "-pp=2")).gpu_count
+            4
+        """
+        count = 1
+        for flags in _PARALLEL_FLAGS:
+            value = _flag_value(self.extra_args, flags)
+            if value is None:
+                continue
+            try:
+                size = int(value)
+            except ValueError:
+                size = 0
+            if size < 1:
+                raise ConfigError(f"{flags[0]} must be a positive integer, got {value!r}")
+            count *= size
+        return count
 
     def to_dict(self) -> dict:
         """Plain dict, for metadata files."""
@@ -136,7 +166,41 @@ class EngineConfig:
             args += ["--max-model-len", str(max_model_len)]
         if self.enforce_eager:
             args.append("--enforce-eager")
+        if self.tool_call_parser:
+            args += ["--enable-auto-tool-choice", "--tool-call-parser", self.tool_call_parser]
         return args + list(self.extra_args)
+
+    @property
+    def auto_tool_choice(self) -> bool:
+        """Whether the server parses free-form tool calls (``tool_choice="auto"``): a parser is configured.
+
+        Example:
+            >>> EngineConfig(tool_call_parser="hermes").auto_tool_choice
+            True
+        """
+        return bool(self.tool_call_parser or _flag_value(self.extra_args, ("--tool-call-parser",)))
+
+
+_PARALLEL_FLAGS = (
+    ("--tensor-parallel-size", "-tp"),
+    ("--pipeline-parallel-size", "-pp"),
+    ("--data-parallel-size", "-dp"),
+)
+
+
+def _flag_value(args: tuple[str, ...], names: tuple[str, ...]) -> str | None:
+    """The value of the last of `names` in a command line (``--flag V`` or ``--flag=V``), or None."""
+    value = None
+    for i, arg in enumerate(args):
+        name, eq, inline = arg.partition("=")
+        if name in names:
+            value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return value
+
+
+def _visible_devices(value: str) -> list[str]:
+    """The entries of a ``CUDA_VISIBLE_DEVICES`` value ("" means none)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _free_port(preferred: int | None = None) -> int:
@@ -230,6 +294,49 @@ class VLLMServer:
         """Whether the server process is alive."""
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's PID while it runs (its engine processes are its descendants), else None."""
+        return self._process.pid if self.running else None
+
+    @property
+    def gpu_indices(self) -> tuple[int, ...]:
+        """The GPUs the engine serves on, as this process's meters index them; ``()`` for a CPU engine.
+
+        vLLM puts its `EngineConfig.gpu_count` workers on the first devices it sees: those named by the
+        ``CUDA_VISIBLE_DEVICES`` the server is given (through ``env``, else inherited), or all. Zeus indexes the
+        GPUs *this* process sees, so the engine's devices are mapped into this process's list. Build the meter
+        from it so that idle GPUs beside the engine are not charged to its calls:
+        ``auto_meter(gpu_indices=server.gpu_indices)``.
+
+        Raises:
+            ConfigError: the engine's GPUs are not visible to this process, or are named by UUID/MIG ids that
+                cannot be matched (pass ``gpu_indices`` to the meter yourself then).
+        """
+        if not self.on_gpu:
+            return ()
+        ours = os.environ.get("CUDA_VISIBLE_DEVICES")
+        theirs = self._env.get("CUDA_VISIBLE_DEVICES", ours)
+        count = self.config.gpu_count
+        if theirs == ours:
+            # The engine sees exactly what we see: its device i is our device i.
+            return tuple(range(count)) if ours is None else tuple(range(min(count, len(_visible_devices(ours)))))
+        # The server was given its own list (theirs differs from ours, so it came through env).
+        mine = _visible_devices(ours) if ours is not None else None
+        out = []
+        for device in _visible_devices(theirs or "")[:count]:
+            if mine is not None and device in mine:
+                out.append(mine.index(device))
+            elif not device.isdigit():
+                raise ConfigError(f"cannot match the engine's GPU {device!r} to this process's GPUs; "
+                                  "pass gpu_indices to the meter yourself")
+            elif mine is None:
+                out.append(int(device))  # we see every GPU: Zeus's index is the device's own
+            else:
+                raise ConfigError(f"the engine's GPU {device} is not visible to this process "
+                                  f"(CUDA_VISIBLE_DEVICES={ours}), so it cannot be metered here")
+        return tuple(out)
+
     def start(self) -> VLLMServer:
         """Start the server and wait until /health answers.
 
@@ -266,6 +373,9 @@ class VLLMServer:
                 self.stop()
                 raise
             self.startup_s = time.monotonic() - started
+            if self.on_gpu:
+                with contextlib.suppress(ConfigError):  # unmatched devices: every metered GPU stays attributed
+                    serve_on_gpus(self.gpu_indices)
             return self
 
     def _wait_healthy(self) -> None:

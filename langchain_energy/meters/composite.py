@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from langchain_energy.errors import ConfigError, MeterError
-from langchain_energy.meters.base import Clock, Meter, Reading, component_group, default_clock
-from langchain_energy.meters.estimated import EstimatedMeter, PowerModel
+from langchain_energy.meters.base import (
+    Clock,
+    Meter,
+    MonotonicGuard,
+    Reading,
+    component_group,
+    counter_ranges,
+    default_clock,
+)
+from langchain_energy.meters.estimated import CpuScope, EstimatedMeter, PowerModel
 from langchain_energy.meters.zeus_meter import ZeusMeter
 
 Source = Literal["auto", "zeus", "estimated", "off"]
@@ -16,6 +25,10 @@ _SOURCES = ("auto", "zeus", "estimated", "off")
 
 class CompositeMeter:
     """Several meters read as one; each component comes from exactly one of them.
+
+    Reads are serialized, and each component's cumulative joules never go backwards (a member's backward
+    step is dropped with one warning, a wrap of a counter whose member declares its range is corrected; see
+    `MonotonicGuard`), so readings taken from several threads stay monotonic in time order.
 
     Args:
         meters: the meters; a component reported by more than one is taken from the first that has it.
@@ -41,25 +54,46 @@ class CompositeMeter:
                 if key not in self._owner:
                     self._owner[key] = idx
                     self._prov[key] = prov
+        ranges = {k: r for idx, meter in enumerate(self.meters)
+                  for k, r in counter_ranges(meter).items() if self._owner.get(k) == idx}
+        self._guard = MonotonicGuard(ranges, name="CompositeMeter")
+        # One read at a time: a read that took its time before another but finished after it would otherwise
+        # carry the earlier time with the larger joules.
+        self._lock = threading.Lock()
 
     def components(self) -> dict[str, str]:
         """Component key -> provenance, across all meters."""
         return dict(self._prov)
 
     def read(self) -> Reading:
-        """Read every meter once and keep each component from its owner."""
-        t = self.clock()
-        energy: dict[str, float] = {}
-        util: dict[int, float] = {}
-        power: dict[int, float] = {}
-        for idx, meter in enumerate(self.meters):
-            r = meter.read()
-            for key, joules in r.energy_j.items():
-                if self._owner.get(key) == idx:
-                    energy[key] = joules
-            util.update(r.gpu_util)
-            power.update(r.gpu_power_w)
-        return Reading(t=t, energy_j=energy, gpu_util=util, gpu_power_w=power)
+        """Read every meter once and keep each component from its owner, never below its previous value."""
+        with self._lock:
+            t = self.clock()
+            energy: dict[str, float] = {}
+            util: dict[int, float] = {}
+            power: dict[int, float] = {}
+            for idx, meter in enumerate(self.meters):
+                r = meter.read()
+                for key, joules in r.energy_j.items():
+                    if self._owner.get(key) == idx:
+                        energy[key] = joules
+                util.update(r.gpu_util)
+                power.update(r.gpu_power_w)
+            return self._guard.apply(Reading(t=t, energy_j=energy, gpu_util=util, gpu_power_w=power))
+
+    def add_pids(self, *pids: int) -> None:
+        """Register processes (and their descendants) with every member that estimates from a process tree.
+
+        Members that do not (measured counters, a machine-wide estimate) are unaffected, so this is safe to
+        call on any composite.
+
+        Raises:
+            ConfigError: a PID names no running process.
+        """
+        for meter in self.meters:
+            fn = getattr(meter, "add_pids", None)
+            if callable(fn):
+                fn(*pids)
 
     def idle_power_w(self) -> dict[str, float] | None:
         """Idle watts per component where every owning meter knows its own (estimates do)."""
@@ -90,9 +124,11 @@ def auto_meter(
     dram: Source = "auto",
     gpu: Source = "auto",
     power_model: PowerModel | None = None,
-    gpu_indices: list[int] | None = None,
+    gpu_indices: Sequence[int] | None = None,
     clock: Clock = default_clock,
     zeus_meter: ZeusMeter | None = None,
+    cpu_scope: CpuScope = "process-tree",
+    process_tree_roots: Sequence[int] = (),
 ) -> CompositeMeter:
     """Build the best meter this machine allows, per component, or the sources the user forces.
 
@@ -106,14 +142,20 @@ def auto_meter(
         dram: source for DRAM energy.
         gpu: source for GPU energy (``"estimated"`` is not offered: no model of GPU power is good enough).
         power_model: parameters of the estimate.
-        gpu_indices: GPUs to meter; all visible by default.
+        gpu_indices: GPUs to meter (Zeus's indices, i.e. within this process's ``CUDA_VISIBLE_DEVICES``);
+            None meters every visible GPU, ``()`` none. Pass the engine's, e.g. `VLLMServer.gpu_indices`, so
+            that idle GPUs beside it are not charged to its calls.
         clock: the shared time source.
-        zeus_meter: an existing Zeus meter to draw measured components from (tests pass one over a double).
+        zeus_meter: an existing Zeus meter to draw measured components from (tests pass one over a double);
+            `gpu_indices` then selects among the GPUs it reads.
+        cpu_scope: whose CPU time drives an estimated CPU figure: ``"process-tree"`` (this process, its
+            descendants and `process_tree_roots`) or ``"machine"``; see `EstimatedMeter`.
+        process_tree_roots: more PIDs whose process trees count in a ``"process-tree"`` estimate.
 
     Example:
         >>> meter = auto_meter(cpu="estimated", dram="off", gpu="off")
         >>> meter.components()
-        {'cpu': 'estimated:linear-tdp'}
+        {'cpu': 'estimated:linear-tdp/process-tree'}
     """
     for name, src in (("cpu", cpu), ("dram", dram), ("gpu", gpu)):
         if src not in _SOURCES:
@@ -126,8 +168,18 @@ def auto_meter(
         zm = ZeusMeter(gpu_indices=gpu_indices, cpu=wants_zeus["cpu"] or wants_zeus["dram"],
                        gpu=wants_zeus["gpu"], clock=clock)
     measured = zm.components() if zm is not None else {}
+    if zeus_meter is not None and gpu_indices is not None and gpu in ("auto", "zeus"):
+        metered = sorted(int(k.split(":", 1)[1]) for k in measured if component_group(k) == "gpu")
+        for i in gpu_indices:
+            if i not in metered:
+                raise MeterError(f"GPU index {i} is not metered by the given Zeus meter (it meters {metered})")
+        measured = {k: p for k, p in measured.items()
+                    if component_group(k) != "gpu" or int(k.split(":", 1)[1]) in set(gpu_indices)}
     have = {component_group(k) for k in measured}
     for name, src in (("cpu", cpu), ("dram", dram), ("gpu", gpu)):
+        if src == "zeus" and name == "gpu" and gpu_indices is not None and not list(gpu_indices):
+            raise MeterError("gpu energy was forced to come from Zeus, but gpu_indices=() selects no GPU; "
+                             "use gpu='off' for an engine that serves on none")
         if src == "zeus" and name not in have:
             raise MeterError(
                 f"{name} energy was forced to come from Zeus, but this machine has no "
@@ -146,26 +198,43 @@ def auto_meter(
         if src == "estimated" or (src == "auto" and name not in have)
     )
     if est:
-        meters.append(EstimatedMeter(power_model, components=est, clock=clock))
+        meters.append(EstimatedMeter(power_model, components=est, clock=clock, scope=cpu_scope,
+                                     process_tree_roots=process_tree_roots))
     return CompositeMeter(meters, clock=clock)
 
 
 class _Subset:
-    """A view of a meter restricted to some of its components."""
+    """A view of a meter restricted to some of its components (and their GPUs' power and utilization)."""
 
     def __init__(self, meter: Meter, keep: Mapping[str, str]) -> None:
         self.meter, self.keep, self.clock = meter, dict(keep), meter.clock
+        self.gpus = sorted(int(k.split(":", 1)[1]) for k in self.keep if component_group(k) == "gpu")
 
     def components(self) -> dict[str, str]:
         return dict(self.keep)
 
+    def counter_ranges_j(self) -> dict[str, float]:
+        return {k: r for k, r in counter_ranges(self.meter).items() if k in self.keep}
+
     def read(self) -> Reading:
         r = self.meter.read()
         return Reading(t=r.t, energy_j={k: v for k, v in r.energy_j.items() if k in self.keep},
-                       gpu_util=r.gpu_util, gpu_power_w=r.gpu_power_w)
+                       gpu_util={i: u for i, u in r.gpu_util.items() if i in self.gpus},
+                       gpu_power_w={i: w for i, w in r.gpu_power_w.items() if i in self.gpus})
 
     def describe(self) -> dict[str, object]:
-        return self.meter.describe()
+        out = dict(self.meter.describe())
+        zeus = out.get("zeus")
+        if isinstance(zeus, dict) and "gpu_indices" in zeus:
+            # Name the GPUs this view reads, not every GPU the underlying meter reads.
+            read = [i for i in zeus["gpu_indices"] if i in self.gpus]
+            visible = int(zeus.get("gpus_visible", 0))
+            out["zeus"] = {**zeus,
+                           "gpus": {i: n for i, n in dict(zeus.get("gpus", {})).items() if i in self.gpus},
+                           "gpu_indices": read,
+                           "gpu_selection": zeus["gpu_selection"] if read == zeus["gpu_indices"] else "requested",
+                           "gpus_not_read": [i for i in range(visible) if i not in read]}
+        return out
 
     def close(self) -> None:
         self.meter.close()

@@ -1,28 +1,47 @@
-"""An estimate of CPU and DRAM energy from machine-wide CPU utilization, for machines without counters.
+"""An estimate of CPU and DRAM energy from CPU utilization, for machines without counters.
 
-The power model (named ``linear-tdp``; every number it yields is labelled ``estimated:linear-tdp``)::
+The power model (named ``linear-tdp``)::
 
     cpu_W  = tdp_W * (idle_fraction + (1 - idle_fraction) * utilization)
     dram_W = dram_w_per_gib * installed_GiB
 
-where ``utilization`` is the machine-wide busy fraction of all logical CPUs between two readings (from
-``psutil.cpu_times()``, so a serving engine in another process counts) and ``tdp_W`` is ``cpu_tdp_w`` when
-given, else ``watts_per_core * logical_cores``. Energy is power integrated over the time between readings.
-The linear model was chosen over CodeCarbon's cubic ``tdp * (0.1 + 0.9 * load**3)`` because it does not
-flatten the middle loads that a one-core inference engine produces; both are guesses, hence the label.
+where ``tdp_W`` is ``cpu_tdp_w`` when given, else ``watts_per_core * logical_cores``, and ``utilization`` is
+the busy fraction of all logical CPUs between two readings, counted over one of two scopes:
+
+- ``process-tree`` (the default): the CPU time of the processes that serve and call, i.e. this process and
+  its descendants (a managed vLLM server is a child, so its engine counts) plus any process registered with
+  `EstimatedMeter.add_pids` (a server started elsewhere on this host) and its descendants. An unrelated job
+  loading the machine does not raise it.
+- ``machine``: every process on the machine (``psutil.cpu_times()``).
+
+The label says which: ``estimated:linear-tdp/process-tree`` or ``estimated:linear-tdp/machine``. DRAM under
+this model is a constant of the machine, so its label is always ``.../machine``. Energy is power integrated
+over the time between readings. The linear model was chosen over CodeCarbon's cubic
+``tdp * (0.1 + 0.9 * load**3)`` because it does not flatten the middle loads that a one-core inference engine
+produces; both are guesses, hence the label.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import psutil
 
 from langchain_energy.errors import ConfigError
 from langchain_energy.meters.base import Clock, Reading, default_clock
 
+logger = logging.getLogger(__name__)
+
 _GIB = 1024**3
+
+CpuScope = Literal["process-tree", "machine"]
+CPU_SCOPES: tuple[str, ...] = ("process-tree", "machine")
 
 
 @dataclass(frozen=True)
@@ -51,8 +70,9 @@ class PowerModel:
     dram_gib: float | None = None
 
     def __post_init__(self) -> None:
-        if not self.name or ":" in self.name:
-            raise ConfigError(f"power model name must be a non-empty word without ':', got {self.name!r}")
+        if not self.name or ":" in self.name or "/" in self.name:
+            # ':' and '/' delimit the label "estimated:<name>/<scope>".
+            raise ConfigError(f"power model name must be a non-empty word without ':' or '/', got {self.name!r}")
         if self.cpu_tdp_w is not None and self.cpu_tdp_w <= 0:
             raise ConfigError(f"cpu_tdp_w must be positive, got {self.cpu_tdp_w}")
         if self.watts_per_core <= 0:
@@ -66,7 +86,7 @@ class PowerModel:
 
     @property
     def provenance(self) -> str:
-        """The label carried by every number this model produces."""
+        """The model's label, ``estimated:<name>``; meters add the scope: ``estimated:<name>/<scope>``."""
         return f"estimated:{self.name}"
 
     def tdp_w(self) -> float:
@@ -124,18 +144,152 @@ def busy_fraction(earlier: tuple[float, float], later: tuple[float, float]) -> f
     return min(max((later[0] - earlier[0]) / d_total, 0.0), 1.0)
 
 
+class ProcessTreeCPU:
+    """Cumulative CPU seconds (user + system) of a set of process trees, never decreasing.
+
+    The trees are this process's (when `include_self`) and those of the registered roots: each root and all
+    its descendants. Processes come and go: a process's CPU time is counted as it grows, and what was counted
+    stays counted after it exits (its last known time is kept). A descendant first seen in a rescan was born
+    since the previous one, so all its CPU time is counted; processes that exist when the meter starts or when
+    their root is registered count from then on. CPU time a process spends after the last read before it
+    exits, and short-lived processes born and gone between two rescans, are missed: finer `rescan_s` misses
+    less and costs more (a rescan reads every process's parent).
+
+    Args:
+        roots: PIDs of more process trees to count.
+        include_self: count this process's tree.
+        rescan_s: seconds between searches for new descendants (0: on every read).
+
+    Example:
+        >>> tree = ProcessTreeCPU()
+        >>> tree.cpu_seconds() >= 0.0
+        True
+    """
+
+    def __init__(self, roots: Iterable[int] = (), include_self: bool = True, rescan_s: float = 1.0) -> None:
+        if not rescan_s >= 0:
+            raise ConfigError(f"rescan_s must be >= 0 seconds, got {rescan_s!r}")
+        self.rescan_s = float(rescan_s)
+        self._roots: dict[int, psutil.Process] = {}
+        # (pid, create time) -> [process, CPU seconds counted so far]; the create time tells a reused PID apart.
+        self._tracked: dict[tuple[int, float], list] = {}
+        self._total = 0.0
+        self._last_scan = -float("inf")
+        if include_self:
+            self._roots[os.getpid()] = psutil.Process()
+        self.add_roots(*roots)
+        self._scan(fresh=set(self._roots))
+
+    @property
+    def roots(self) -> tuple[int, ...]:
+        """The root PIDs whose trees are counted (roots that exited are dropped)."""
+        return tuple(self._roots)
+
+    @property
+    def processes(self) -> int:
+        """How many processes are being followed now."""
+        return len(self._tracked)
+
+    def add_roots(self, *pids: int) -> None:
+        """Count the trees of `pids` too, from now on.
+
+        Raises:
+            ConfigError: a PID names no running process.
+        """
+        new: dict[int, psutil.Process] = {}
+        for pid in pids:
+            if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+                raise ConfigError(f"a PID is a positive integer, got {pid!r}")
+            if pid in self._roots:
+                continue
+            try:
+                new[pid] = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                raise ConfigError(f"there is no process with PID {pid} to estimate CPU energy for") from None
+        if new:
+            self._roots.update(new)
+            self._scan(fresh=set(new))  # the new trees count from now, not from their start
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used by the trees since this object started (cumulative, never decreasing)."""
+        if time.monotonic() - self._last_scan >= self.rescan_s:
+            self._scan(fresh=set())
+        for key, entry in list(self._tracked.items()):
+            if entry[1] is None:
+                continue  # not ours to read (another user's process in the tree)
+            try:
+                used = self._cpu_of(entry[0])
+            except psutil.NoSuchProcess:
+                del self._tracked[key]  # exited: what it used until the last read stays counted
+                continue
+            except psutil.AccessDenied:
+                continue
+            if used > entry[1]:
+                self._total += used - entry[1]
+                entry[1] = used
+        return self._total
+
+    @staticmethod
+    def _cpu_of(proc: psutil.Process) -> float:
+        t = proc.cpu_times()
+        # Own time only: children's time (children_user) appears when they are reaped, and they were
+        # counted while they ran.
+        return t.user + t.system
+
+    def _scan(self, fresh: set[int]) -> None:
+        """Find the trees' processes now; follow new ones, stop following those that left.
+
+        Args:
+            fresh: roots counted from now on (just registered); under the others, a process not followed yet
+                was born since the last scan.
+        """
+        found: dict[tuple[int, float], tuple[psutil.Process, bool]] = {}
+        for pid, root in list(self._roots.items()):
+            try:
+                members = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                if pid != os.getpid():
+                    del self._roots[pid]  # its PID may be reused by an unrelated process later
+                continue
+            for proc in members:
+                try:
+                    key = (proc.pid, proc.create_time())
+                except psutil.NoSuchProcess:
+                    continue
+                found[key] = (proc, pid not in fresh or found.get(key, (proc, False))[1])
+        for key in set(self._tracked) - set(found):
+            del self._tracked[key]  # exited or left the tree: counted until now, not beyond
+        for key, (proc, born_since_last_scan) in found.items():
+            if key not in self._tracked:
+                try:
+                    used: float | None = self._cpu_of(proc)
+                except psutil.NoSuchProcess:
+                    continue
+                except psutil.AccessDenied:
+                    used = None  # followed but never read, so that it is not taken for new next time
+                # A descendant first seen now was born since the last scan: all its CPU time is new. At a
+                # start or a registration, processes already running count from now on.
+                self._tracked[key] = [proc, None if used is None else 0.0 if born_since_last_scan else used]
+        self._last_scan = time.monotonic()
+
+
 class EstimatedMeter:
-    """CPU and DRAM energy estimated from machine-wide utilization with a visible power model.
+    """CPU and DRAM energy estimated from CPU utilization with a visible power model.
 
     Args:
         model: the power model's parameters; defaults to `PowerModel()`.
         components: which of ``"cpu"`` and ``"dram"`` to report.
         clock: the time source; must be the one the timeline and handler use.
+        scope: whose CPU time drives the CPU estimate: ``"process-tree"`` (this process, its descendants and
+            the registered PIDs' trees) or ``"machine"`` (every process).
+        process_tree_roots: more PIDs whose trees count under ``"process-tree"`` (e.g. a vLLM server started
+            outside this process on the same host); `add_pids` registers more later.
+        rescan_s: under ``"process-tree"``, seconds between searches for new descendants.
 
     Example:
         >>> meter = EstimatedMeter(PowerModel(cpu_tdp_w=65.0))
         >>> meter.components()
-        {'cpu': 'estimated:linear-tdp', 'dram': 'estimated:linear-tdp'}
+        {'cpu': 'estimated:linear-tdp/process-tree', 'dram': 'estimated:linear-tdp/machine'}
         >>> r = meter.read(); r.energy_j["cpu"] >= 0.0
         True
     """
@@ -145,31 +299,73 @@ class EstimatedMeter:
         model: PowerModel | None = None,
         components: tuple[str, ...] = ("cpu", "dram"),
         clock: Clock = default_clock,
+        scope: CpuScope = "process-tree",
+        process_tree_roots: Iterable[int] = (),
+        rescan_s: float = 1.0,
     ) -> None:
         bad = set(components) - {"cpu", "dram"}
         if bad or not components:
             raise ConfigError(f"EstimatedMeter reports 'cpu' and/or 'dram', got {components!r}")
+        if scope not in CPU_SCOPES:
+            raise ConfigError(f"CPU estimate scope must be one of {CPU_SCOPES}, got {scope!r}")
         self.model = model or PowerModel()
         self.clock = clock
+        self.scope: CpuScope = scope
         self._components = tuple(components)
         self._lock = threading.Lock()
         # Resolve machine constants once: reading them every sample is wasted work.
         self._tdp_w = self.model.tdp_w()
         self._dram_w = self.model.dram_power_w()
+        self._tree = (ProcessTreeCPU(process_tree_roots, rescan_s=rescan_s)
+                      if scope == "process-tree" and "cpu" in self._components else None)
         self._last_t = clock()
-        self._last_cpu = cpu_busy_and_total()
+        self._last_cpu = self._busy_and_total()
         self._energy = {c: 0.0 for c in self._components}
         self._last_util = 0.0
 
+    def _busy_and_total(self) -> tuple[float, float]:
+        """Cumulative busy CPU seconds of the scope and total CPU seconds of the machine (all CPUs)."""
+        busy, total = cpu_busy_and_total()
+        return (self._tree.cpu_seconds(), total) if self._tree is not None else (busy, total)
+
     def components(self) -> dict[str, str]:
-        """Each reported component with the label ``estimated:<model name>``."""
-        return {c: self.model.provenance for c in self._components}
+        """Each reported component with its label, ``estimated:<model>/<scope>`` (DRAM's scope is the machine)."""
+        return {c: self.provenance(c) for c in self._components}
+
+    def provenance(self, component: str) -> str:
+        """The label of one component's numbers."""
+        scope = self.scope if component == "cpu" else "machine"
+        return f"{self.model.provenance}/{scope}"
+
+    def add_pids(self, *pids: int) -> None:
+        """Count the CPU time of these processes and their descendants from now on (``process-tree`` scope).
+
+        Under the ``machine`` scope every process already counts, so this does nothing.
+
+        Raises:
+            ConfigError: a PID names no running process.
+        """
+        if self._tree is None:
+            return
+        with self._lock:
+            self._tree.add_roots(*pids)
+
+    @property
+    def process_tree_roots(self) -> tuple[int, ...]:
+        """The PIDs whose trees drive the CPU estimate (empty under the ``machine`` scope)."""
+        return self._tree.roots if self._tree is not None else ()
+
+    @property
+    def process_tree_cpu_s(self) -> float:
+        """CPU seconds of the process tree counted up to the last reading (0 under the ``machine`` scope)."""
+        with self._lock:
+            return self._last_cpu[0] if self._tree is not None else 0.0
 
     def read(self) -> Reading:
         """Integrate the model's power since the previous reading and return the cumulative joules."""
         with self._lock:
             t = self.clock()
-            cpu = cpu_busy_and_total()
+            cpu = self._busy_and_total()
             util = busy_fraction(self._last_cpu, cpu)
             if util is not None:
                 self._last_util = util
@@ -184,7 +380,7 @@ class EstimatedMeter:
 
     @property
     def last_utilization(self) -> float:
-        """Machine-wide CPU utilization (0..1) over the last interval read."""
+        """CPU utilization (0..1) of the scope over the last interval read."""
         return self._last_util
 
     def idle_power_w(self) -> dict[str, float]:
@@ -192,8 +388,13 @@ class EstimatedMeter:
         return {c: w for c, w in self.model.idle_power_w().items() if c in self._components}
 
     def describe(self) -> dict[str, object]:
-        """The power model's parameters as resolved on this machine."""
-        return {"estimated": self.model.to_dict()}
+        """The power model's parameters as resolved on this machine, and the scope of the CPU estimate."""
+        return {"estimated": {
+            **self.model.to_dict(),
+            "cpu_scope": self.scope,
+            "process_tree_roots": list(self.process_tree_roots),
+            "provenance": self.components(),
+        }}
 
     def close(self) -> None:
         """Nothing to release."""

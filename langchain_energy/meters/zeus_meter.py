@@ -9,12 +9,13 @@ and double count, while one cumulative counter sampled by one timeline never doe
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
 
-from langchain_energy.errors import MeterError
-from langchain_energy.meters.base import Clock, Reading, default_clock
+from langchain_energy.errors import ConfigError, MeterError
+from langchain_energy.meters.base import Clock, MonotonicGuard, Reading, default_clock
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,15 @@ def _gpu_provenance(gpus: Any) -> str:
 class ZeusMeter:
     """Cumulative joules from the hardware counters Zeus can reach on this machine.
 
+    Only the GPUs in `gpu_indices` are read, so that GPUs beside the engine (idle or serving someone else) are
+    not charged to its calls; each stays its own component ``gpu:<index>``. Readings never go backwards: a
+    RAPL read taken between a wrap and Zeus's wrap tracker noticing it is corrected by the zone's range, and
+    any other backward step is dropped with one warning (see `MonotonicGuard`).
+
     Args:
-        gpu_indices: GPUs to read (indices as Zeus sees them, i.e. after ``CUDA_VISIBLE_DEVICES``); all by default.
+        gpu_indices: GPUs to read (indices as Zeus sees them, i.e. after this process's
+            ``CUDA_VISIBLE_DEVICES``); None reads every visible GPU, ``()`` none. A managed engine's are
+            `VLLMServer.gpu_indices`.
         cpu: read RAPL CPU package (and DRAM where the package has it) counters when available.
         gpu: read GPU counters when available.
         clock: the time source shared with the timeline and handler.
@@ -59,6 +67,7 @@ class ZeusMeter:
         meter = ZeusMeter()
         meter.components()  # one NVML GPU, no RAPL: {"gpu:0": "measured:nvml"}; neither: {}
         joules = meter.read().energy_j
+        ZeusMeter(gpu_indices=server.gpu_indices)  # only the GPUs a managed vLLM server serves on
         ```
     """
 
@@ -77,11 +86,16 @@ class ZeusMeter:
         self._cpus = (cpus if cpus is not None else _load_zeus_cpus()) if cpu else None
         self._components: dict[str, str] = {}
         self._gpu_indices: list[int] = []
+        self._requested = None if gpu_indices is None else list(gpu_indices)
+        if self._requested is not None and len(set(self._requested)) != len(self._requested):
+            raise ConfigError(f"a GPU index was given more than once in gpu_indices={self._requested}")
+        self._gpus_visible = 0
         self._handles: dict[int, Any] = {}
         if self._gpus is not None:
             prov = _gpu_provenance(self._gpus)
             available = range(len(self._gpus))
-            wanted = list(available) if gpu_indices is None else list(gpu_indices)
+            self._gpus_visible = len(available)
+            wanted = list(available) if self._requested is None else sorted(self._requested)
             for i in wanted:
                 if i not in available:
                     raise MeterError(f"GPU index {i} not visible to Zeus (it sees {len(self._gpus)} GPUs)")
@@ -113,9 +127,12 @@ class ZeusMeter:
                 self._components["cpu"] = "measured:rapl"
                 if self._dram:
                     self._components["dram"] = "measured:rapl"
+        self._guard = MonotonicGuard(self.counter_ranges_j(), name="ZeusMeter")
         # Counters start at driver load; report joules since this meter started.
         self._origin: dict[str, float] = {}
         self._origin = dict(self._raw())
+        # The origin is the guard's first value, so that even the first read is checked against it.
+        self._guard.apply(Reading(t=self.clock(), energy_j={k: 0.0 for k in self._origin}))
 
     @staticmethod
     def _safe(fn: Any, default: Any) -> Any:
@@ -144,6 +161,31 @@ class ZeusMeter:
         """The measured components on this machine (may be empty)."""
         return dict(self._components)
 
+    @property
+    def gpu_indices(self) -> tuple[int, ...]:
+        """The GPUs read (Zeus's indices), in order."""
+        return tuple(self._gpu_indices)
+
+    def counter_ranges_j(self) -> dict[str, float]:
+        """Wrap range in joules of each counter whose range is known: RAPL's ``max_energy_range_uj``.
+
+        The CPU and DRAM components sum the packages' zones, so a wrap of any one lowers the sum by one range
+        only when every zone has the same range; otherwise the range is not declared (and a backward read is
+        dropped instead of corrected). NVML's GPU counter is 64-bit millijoules and does not wrap.
+        """
+        out: dict[str, float] = {}
+        packages = getattr(self._cpus, "cpus", None)  # Zeus's RAPLCPU objects; zeusd's carry no range
+        if not self._cpu_indices or packages is None:
+            return out
+        zones = {"cpu": "rapl_file", "dram": "dram"} if self._dram else {"cpu": "rapl_file"}
+        for comp, attr in zones.items():
+            spans = {self._safe(lambda i=i, a=attr: float(getattr(packages[i], a).max_energy_range_uj), None)
+                     for i in self._cpu_indices}
+            span = spans.pop() if len(spans) == 1 else None
+            if span is not None and span > 0:
+                out[comp] = span / 1e6
+        return out
+
     def read(self) -> Reading:
         """Counters now, minus their values when the meter started, plus GPU power and utilization."""
         with self._lock:
@@ -158,8 +200,9 @@ class ZeusMeter:
                 if mw is not None:
                     power[i] = mw / 1000.0
             util = {i: u for i in self._gpu_indices if (u := self._utilization(i)) is not None}
-        return Reading(t=t, energy_j={k: v - self._origin.get(k, 0.0) for k, v in raw.items()},
-                       gpu_util=util, gpu_power_w=power)
+            # Guarded under the lock: the guard's order is the order of the reads.
+            since_start = {k: v - self._origin.get(k, 0.0) for k, v in raw.items()}
+            return self._guard.apply(Reading(t=t, energy_j=since_start, gpu_util=util, gpu_power_w=power))
 
     def _utilization(self, index: int) -> float | None:
         # Zeus does not expose utilization; NVML does, through the handle Zeus already holds.
@@ -175,9 +218,22 @@ class ZeusMeter:
             return None
 
     def describe(self) -> dict[str, object]:
-        """Which devices are read."""
+        """Which devices are read: the GPUs by index and name, the visible ones left out, the RAPL zones.
+
+        GPU indices are Zeus's, i.e. positions in this process's ``CUDA_VISIBLE_DEVICES`` (recorded too).
+        """
         names = {i: self._safe(lambda i=i: self._gpus.get_name(i), "?") for i in self._gpu_indices}
-        return {"zeus": {"gpus": names, "rapl_packages": len(self._cpu_indices), "rapl_dram": self._dram}}
+        return {"zeus": {
+            "gpus": names,
+            "gpu_indices": list(self._gpu_indices),
+            "gpu_selection": "all visible" if self._requested is None else "requested",
+            "gpus_visible": self._gpus_visible,
+            "gpus_not_read": [i for i in range(self._gpus_visible) if i not in self._gpu_indices],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "rapl_packages": len(self._cpu_indices),
+            "rapl_dram": self._dram,
+            "counter_ranges_j": self.counter_ranges_j(),
+        }}
 
     def close(self) -> None:
         """Zeus keeps its device singletons; nothing to release here."""

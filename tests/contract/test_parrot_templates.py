@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from chains.summarize import INITIAL_PROMPT, REFINE_PROMPT
-from chains.summarize_parrot import build_refine_program
+from chains.workloads.summarize import INITIAL_PROMPT, REFINE_PROMPT
+from chains.workloads.summarize_parrot import build_refine_program
 from langchain_energy.backends.base import SamplingParams
 from langchain_energy.backends.parrot import prompt_call, template_placeholders
 from langchain_energy.backends.parrot_program import SemanticProgram, to_parrot_template
@@ -62,8 +62,8 @@ def test_plain_prompts_become_constant_text_unless_they_look_like_placeholders()
 
 
 def test_agentic_branches_hang_off_the_design_and_chain_within_each_module():
-    from chains.agentic import calls_per_task, resolve_task
-    from chains.agentic_parrot import build_branches_program
+    from chains.workloads.agentic import calls_per_task, resolve_task
+    from chains.workloads.agentic_parrot import build_branches_program
 
     task = resolve_task("snake")
     prog = build_branches_program(task, rounds=2, code=P, review=P)

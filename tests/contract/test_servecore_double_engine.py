@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from chains.summarize_parrot import arun_summarize_parrot
+from chains.workloads.summarize_parrot import arun_summarize_parrot
 from langchain_energy.backends.base import SamplingParams
 from langchain_energy.llms import ServingLLM
 from tests.doubles.servecore import ServeCoreDouble
@@ -68,8 +68,8 @@ async def test_backend_reuses_one_session_for_concurrent_calls(core, vllm_server
 
 
 async def test_agentic_branches_run_as_one_dag_then_the_integrator(core, vllm_server):
-    from chains.agentic import calls_per_task
-    from chains.agentic_parrot import arun_agentic_parrot
+    from chains.workloads.agentic import calls_per_task
+    from chains.workloads.agentic_parrot import arun_agentic_parrot
 
     before = len(core.engine_requests)
     (result,) = await arun_agentic_parrot(["snake"], base_url=core.base_url, model=vllm_server.served_model_name,

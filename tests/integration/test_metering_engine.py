@@ -63,3 +63,19 @@ def test_two_call_chain_is_metered_end_to_end(serving_llm):
     assert totals["calls_j"] + totals["orchestration_j"] + totals["outside_j"] == pytest.approx(
         totals["metered_j"], rel=1e-9)
     print(handler.report())
+
+
+def test_a_batch_ends_each_call_at_its_own_end_and_puts_joules_on_the_response(serving_llm):
+    handler = EnergyCallbackHandler()
+    with handler:
+        result = serving_llm.generate(["Say hi.", "Count from one to twenty in words.", "Name a color."],
+                                      callbacks=[handler])
+    calls = handler.to_dataframe()
+    calls = calls[calls.kind == "llm"]
+    assert len(calls) == 3 and set(calls.timing) == {"response"}
+    # one generate, three calls: each ends when its own last token came, not all at the batch's end
+    assert calls.t_end.nunique() == 3
+    assert (calls.completion_tokens > 0).all()
+    energies = [gen[0].generation_info["energy"] for gen in result.generations]
+    assert all(e["final"] and e["energy_j"] > 0 for e in energies)
+    assert sorted(e["energy_j"] for e in energies) == pytest.approx(sorted(calls.energy_j), rel=1e-9)

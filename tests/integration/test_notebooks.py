@@ -8,9 +8,10 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from chains.sweep import EngineTrialRunner, run_sweep
-from langchain_energy.plots import render_all
-from langchain_energy.results import ResultStore, SweepSpec
+from chains.harness.engine_runner import EngineTrialRunner
+from chains.harness.plots import render_all
+from chains.harness.store import ResultStore, SweepSpec
+from chains.harness.sweep import run_sweep
 
 pytestmark = pytest.mark.engine
 
@@ -19,11 +20,21 @@ SPEC = SweepSpec(workloads=["search"], knobs={"batch-size": [4, 8]}, repeats=2,
                  fixed={"settings": {"users": 1, "n_queries": 1, "max_follow_ups": 0, "output_len": 8}})
 
 
+class WatchingRunner(EngineTrialRunner):
+    """Notes the batch size of the engine that served each trial: the knob must reach the engine."""
+
+    served: dict = {}
+
+    def run(self, config, repeat):
+        self.served[config.value] = self.server.config.max_num_seqs
+        return super().run(config, repeat)
+
+
 @pytest.fixture(scope="module")
 def results_dir(vllm_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     store = ResultStore(out)
-    first = run_sweep(SPEC, store, EngineTrialRunner(server=vllm_server), EngineTrialRunner.defaults(),
+    first = run_sweep(SPEC, store, WatchingRunner(server=vllm_server), EngineTrialRunner.defaults(),
                       progress=False)
     assert first.ran == 4 and not first.infeasible
     # resuming the same sweep runs nothing and starts no engine
@@ -42,8 +53,9 @@ def test_real_store_has_metrics_and_figures(results_dir):
     assert (agg["throughput_tok_s_mean"] > 0).all() and agg["latency_s_ci"].notna().all()
     # the prefix cache is reset before every trial, and the shared system prompt is reused within one
     assert ((agg["cache_hit_rate_mean"] > 0) & (agg["cache_hit_rate_mean"] < 1)).all()
-    engines = {r.value: r.meta["engine"]["max_num_seqs"] for r in store.records()}
-    assert engines == {4: 4, 8: 8}
+    assert WatchingRunner.served == {4: 4, 8: 8}
+    # the batch size is stored once, as the knob's value; the engine's other flags beside it
+    assert all("max_num_seqs" not in r.meta["engine"] and r.meta["engine"]["model"] for r in store.records())
     assert len(store.load_timeline()) > 0
     figures = render_all(results_dir)
     assert not figures["fig4a_energy_per_token_vs_batch"].startswith("skipped")

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from chains.summarize import expected_calls
-from chains.summarize_parrot import summarize_parrot_workload
+from chains.workloads.summarize import expected_calls
+from chains.workloads.summarize_parrot import summarize_parrot_workload
 from langchain_energy.backends.base import SamplingParams
 from langchain_energy.backends.parrot import ParrotBackend
 from langchain_energy.errors import BackendUnreachableError, ParrotError

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from chains.sweep import EngineTrialRunner, run_sweep
-from langchain_energy.results import ResultStore, SweepSpec
+from chains.harness.engine_runner import EngineTrialRunner
+from chains.harness.store import ResultStore, SweepSpec
+from chains.harness.sweep import run_sweep
 
 pytestmark = pytest.mark.engine
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from chains.runner import RunSettings, prepare_inputs, run_trial
+from chains.harness.trial import RunSettings, prepare_inputs, run_trial
 
 pytestmark = pytest.mark.engine
 
@@ -87,7 +87,8 @@ def test_cli_writes_records_and_metadata_that_parse(vllm_server, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "chains.run", "search", "--backend", "openai", "--base-url", vllm_server.base_url,
            "--model", vllm_server.served_model_name, "--n-queries", "2", "--max-follow-ups", "0", "--output-len", "12",
-           "--repeats", "2", "--power-cap", "250", "--out", str(out), "--no-progress"]
+           "--repeats", "2", "--power-cap", "250", "--power-cap-mode", "simulate", "--out", str(out),
+           "--no-progress"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -98,7 +99,9 @@ def test_cli_writes_records_and_metadata_that_parse(vllm_server, tmp_path):
     assert sorted(summary["repeat"]) == [0, 1]
     assert (runs[runs["kind"] == "llm"].groupby("repeat").size() == 4).all()
     assert {"energy_cpu_j", "provenance_cpu", "latency_s", "cached_tokens"} <= set(runs.columns)
-    assert meta["power_cap"]["mode"] == "dry-run" and meta["power_cap"]["requested_w"] == 250
+    # no GPU here: the cap is rehearsed on the simulated one, and said not to be a real one everywhere
+    assert meta["power_cap"]["mode"] == "simulated" and meta["power_cap"]["requested_w"] == 250
+    assert meta["power_cap"]["applied"] is False and "NOT on a real one" in proc.stdout
     assert meta["versions"]["langchain-core"] and meta["hardware"]["logical_cpus"] >= 1
     assert meta["settings"]["n_queries"] == 2 and len(meta["trials"]) == 2
     assert [(t["recorded_llm_calls"], t["expected_llm_calls"]) for t in meta["trials"]] == [(4, 4), (4, 4)]

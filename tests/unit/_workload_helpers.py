@@ -33,7 +33,7 @@ def words(text: str) -> int:
 @lru_cache(maxsize=1)
 def embedded_counter():
     """The embedded model's tokenizer as a counter (converted once and cached by the model registry)."""
-    from chains.summarize import hf_token_counter
+    from chains.workloads.summarize import hf_token_counter
     from langchain_energy.models import load_tokenizer, resolve_model
 
     return hf_token_counter(load_tokenizer(resolve_model("smollm2-135m").path))

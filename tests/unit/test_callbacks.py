@@ -93,7 +93,7 @@ def test_nested_chain_energy_is_exact_on_a_manual_clock():
     assert root.energy_j == pytest.approx(children.energy_j.sum() + root.orchestration_energy_j
                                           - children.orchestration_energy_j.sum())
     assert (llm.provenance_cpu, llm.provenance_gpu, llm.provenance_dram) == (
-        "estimated:replay", "measured:nvml", "unavailable")
+        "estimated:replay", "measured:nvml@gpu0", "unavailable")
     assert math.isnan(llm.energy_dram_j)
     assert (llm.prompt_tokens, llm.completion_tokens, llm.token_source) == (4, 3, "counted")
     s = handler.summary().iloc[0]
@@ -372,14 +372,3 @@ def test_columns_are_stable_when_nothing_ran():
     assert "(no runs recorded)" in handler.report()
 
 
-def test_async_runs_are_recorded_beside_a_handler_that_runs_inline():
-    class InlineHandler(BaseCallbackHandler):
-        run_inline = True
-
-    async def go(handler):
-        await FakeListLLM(responses=["a", "b"]).abatch(["x", "y"], config={"callbacks": [handler, InlineHandler()]})
-
-    handler = EnergyCallbackHandler()
-    with handler:
-        asyncio.run(go(handler))
-    assert handler.to_dataframe()["kind"].tolist() == ["llm", "llm"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from chains import run
+from chains.harness import cli as run
+from chains.harness import session
 from langchain_energy.backends import vllm_server
 
 
@@ -99,6 +100,43 @@ def test_summary_table_formatting():
                        "energy_j": 12.0, "energy_cpu_j": 12.0, "energy_gpu_j": float("nan"), "energy_dram_j": 0.5,
                        "energy_per_token_j": 0.1, "cache_hit_rate": 0.8,
                        "provenance": "cpu=estimated:x; gpu=unavailable; dram=estimated:y"}])
-    text = run.format_summary(s)
+    text = session.format_summary(s)
     assert "search" in text and "cache_hit" in text and "J/token" in text
     assert "provenance: cpu=estimated:x; gpu=unavailable" in text
+
+
+def test_a_power_cap_without_a_gpu_is_refused_in_one_line(tmp_path, capsys, no_engine, monkeypatch):
+    from langchain_energy import power
+    from langchain_energy.errors import PowerCapError
+
+    def no_gpu():
+        raise PowerCapError("no GPU to power-cap on this machine; use --power-cap-mode simulate to rehearse")
+
+    monkeypatch.setattr(power, "zeus_gpus", no_gpu)
+    err = _bad(["search", "--power-cap", "5", "--out", str(tmp_path / "o")], capsys, "no GPU")
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mode", ["simulate", "dry-run", "apply"])
+def test_a_power_cap_outside_the_range_is_refused_in_every_mode(tmp_path, capsys, no_engine, monkeypatch, mode):
+    from langchain_energy import power
+
+    monkeypatch.setattr(power, "zeus_gpus", lambda: power.SimulatedGPU(min_w=200, max_w=700))
+    _bad(["search", "--power-cap", "5", "--power-cap-mode", mode, "--out", str(tmp_path / "o")], capsys, "outside")
+
+
+def test_a_cap_that_was_not_applied_is_labelled_so():
+    assert "NOT applied" in session.power_cap_line(300, "dry-run")
+    assert "NOT on a real one" in session.power_cap_line(300, "simulated")
+    assert session.power_cap_line(300, "applied") == "power cap: 300 W, applied"
+
+
+def test_knob_flags_come_from_the_registry_and_are_typed_by_it(tmp_path):
+    from chains.harness.knobs import KNOBS
+
+    text = run.build_parser().format_help()
+    assert all(f"--{name}" in text for name in KNOBS)
+    args = run.build_parser().parse_args(["search", "--batch-size", "4", "--fixed-output", "--no-prefix-caching",
+                                          "--temperature", "0", "--power-cap", "250.0"])
+    s = run.settings_from_args(args)
+    assert (s.batch_size, s.ignore_eos, s.prefix_caching, s.temperature, s.power_cap_w) == (4, True, False, 0, 250)

@@ -1,22 +1,21 @@
-"""Knob parsing and the power cap against the simulated GPU double (never a real GPU)."""
+"""The knob registry: parsing, and that every knob reaches what it names (settings, engine, sampling)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
+import dataclasses
 
 import pytest
 
-from langchain_energy.errors import ConfigError, PowerCapError, PowerCapPermissionError
-from langchain_energy.knobs import KNOBS, PowerCap, SimulatedGPU, parse_knob
+from chains.harness.knobs import KNOBS, engine_fields, knob_values, parse_knob, sampling_fields
+from chains.harness.trial import RunSettings
+from langchain_energy.backends.vllm_server import EngineConfig
+from langchain_energy.errors import ConfigError
+from langchain_energy.llms import ServingLLM
 
 
 def test_parse_knobs():
     assert parse_knob("batch-size=1,2,4,8,16") == ("batch-size", [1, 2, 4, 8, 16])
-    assert parse_knob("power-cap=150,200.5") == ("power-cap", [150, 200.5])
+    assert parse_knob("power-cap=150,200.5,150.0") == ("power-cap", [150, 200.5])
     assert parse_knob("prefix-caching=on,off") == ("prefix-caching", [True, False])
     assert parse_knob("backend=vllm,parrot,vllm") == ("backend", ["vllm", "parrot"])
     assert KNOBS["batch-size"].is_engine_knob and not KNOBS["output-len"].is_engine_knob
@@ -33,77 +32,31 @@ def test_bad_knobs(arg, match):
         parse_knob(arg)
 
 
-def test_set_verify_restore():
-    gpu = SimulatedGPU(min_w=200, max_w=700, default_w=700)
-    with PowerCap(gpu) as cap:
-        cap.set(300)
-        assert gpu.get_power_management_limit(0) == 300_000
-        cap.set(250)
-    assert gpu.get_power_management_limit(0) == 700_000
-    assert [e.action for e in cap.events] == ["read", "set", "set", "restore"]
-    with PowerCap(SimulatedGPU(privileged=False)):
-        pass  # never capped: nothing read or written, no privilege needed
+def test_every_knob_names_a_settings_field_and_its_target():
+    settings = {f.name for f in dataclasses.fields(RunSettings)}
+    engine = {f.name for f in dataclasses.fields(EngineConfig)}
+    for k in KNOBS.values():
+        assert k.field in settings, k.name
+        assert k.help and k.label, k.name
+        if k.target == "engine":
+            assert k.to in engine, k.name
+        elif k.target == "sampling":
+            assert k.to in ServingLLM.model_fields, k.name
+        else:
+            assert k.to is None, k.name
 
 
-def test_restore_on_exception():
-    gpu = SimulatedGPU(default_w=650)
-    with pytest.raises(RuntimeError):
-        with PowerCap(gpu) as cap:
-            cap.set(250)
-            raise RuntimeError("trial failed")
-    assert gpu.get_power_management_limit(0) == 650_000
+def test_values_are_typed_once_whatever_they_were_stored_as():
+    values = knob_values({"batch_size": "16", "power_cap_w": 250.0, "prefix_caching": "true", "backend": "vllm"})
+    assert values["batch-size"] == 16 and isinstance(values["batch-size"], int)
+    assert values["power-cap"] == 250 and isinstance(values["power-cap"], int)
+    assert values["prefix-caching"] is True and values["output-len"] is None
+    with pytest.raises(ConfigError, match="batch-size must be a positive integer"):
+        knob_values({"batch_size": 0})
 
 
-def test_out_of_range_and_permission_checked_before_touching():
-    gpu = SimulatedGPU(min_w=200, max_w=700)
-    with pytest.raises(PowerCapError, match="outside"):
-        PowerCap(gpu).preflight([150, 300])
-    with pytest.raises(PowerCapPermissionError, match="CAP_SYS_ADMIN"):
-        PowerCap(SimulatedGPU(privileged=False)).preflight([300])
-    with pytest.raises(PowerCapError, match="outside"):
-        with PowerCap(gpu) as cap:
-            cap.set(800)
-    assert gpu.set_calls == []
-
-
-def test_readback_mismatch_is_an_error():
-    gpu = SimulatedGPU(fail_readback=True)
-    with pytest.raises(PowerCapError, match="reads back"):
-        with PowerCap(gpu) as cap:
-            cap.set(300)
-
-
-def test_dry_run_never_touches_device():
-    gpu = SimulatedGPU(privileged=False)
-    with PowerCap(gpu, dry_run=True) as cap:
-        cap.preflight([150, 250])
-        cap.set(150)
-    assert gpu.set_calls == [] and [(e.action, e.watts) for e in cap.events] == [("dry-run", 150)]
-
-
-CHILD = textwrap.dedent(
-    """
-    import sys, time
-    from langchain_energy.knobs import PowerCap, SimulatedGPU
-    gpu = SimulatedGPU(default_w=700, state_path=sys.argv[1])
-    with PowerCap(gpu) as cap:
-        cap.set(222)
-        print("capped", flush=True)
-        time.sleep(60)
-    """
-)
-
-
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, -signal.SIGINT)])
-def test_restore_on_signal(tmp_path, sig, code):
-    state = tmp_path / "gpu.json"
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(state)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "capped"
-        assert SimulatedGPU(state_path=state).get_power_management_limit(0) == 222_000
-        os.kill(proc.pid, sig)
-        assert proc.wait(timeout=30) == code
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert SimulatedGPU(state_path=state).get_power_management_limit(0) == 700_000
+def test_engine_and_sampling_parameters_come_from_the_registry_alone():
+    settings = dataclasses.asdict(RunSettings(batch_size=4, prefix_caching=False, temperature=0.0, ignore_eos=True))
+    assert engine_fields(settings) == {"max_num_seqs": 4, "enable_prefix_caching": False}
+    assert sampling_fields(settings) == {"temperature": 0, "ignore_eos": True}
+    EngineConfig(**engine_fields(settings))  # every target is a real engine field

@@ -124,7 +124,7 @@ def test_power_model_parameters_are_visible_and_validated():
 def test_estimated_meter_stays_within_its_models_bounds():
     model = PowerModel(cpu_tdp_w=100.0, idle_fraction=0.2, dram_w_per_gib=1.0, dram_gib=8.0)
     meter = EstimatedMeter(model)
-    assert meter.components() == {"cpu": "estimated:linear-tdp", "dram": "estimated:linear-tdp"}
+    assert meter.components() == {"cpu": "estimated:linear-tdp/process-tree", "dram": "estimated:linear-tdp/machine"}
     r0 = meter.read()
     end = time.monotonic() + 0.3
     while time.monotonic() < end:  # keep one core busy so utilization is well above zero
@@ -134,14 +134,14 @@ def test_estimated_meter_stays_within_its_models_bounds():
     cpu = r1.energy_j["cpu"] - r0.energy_j["cpu"]
     assert 20.0 * dt - 1e-9 <= cpu <= 100.0 * dt + 1e-9
     assert r1.energy_j["dram"] - r0.energy_j["dram"] == pytest.approx(8.0 * dt)
-    # machine-wide utilization from a busy core on this machine is strictly positive
+    # a busy core in this process (inside the metered process tree) gives a strictly positive utilization
     assert meter.last_utilization > 0.0
     assert meter.idle_power_w() == {"cpu": pytest.approx(20.0), "dram": pytest.approx(8.0)}
     assert meter.describe()["estimated"]["cpu_tdp_w"] == 100.0
 
 
 def test_estimated_meter_component_choice():
-    assert EstimatedMeter(components=("dram",)).components() == {"dram": "estimated:linear-tdp"}
+    assert EstimatedMeter(components=("dram",)).components() == {"dram": "estimated:linear-tdp/machine"}
     with pytest.raises(ConfigError):
         EstimatedMeter(components=("gpu:0",))
 
@@ -185,21 +185,21 @@ def test_auto_meter_prefers_counters_and_falls_back_to_the_estimate():
     clock = ManualClock()
     zm = ZeusMeter(clock=clock, gpus=SimulatedZeusGPUs([200.0], clock), cpu=False)
     meter = auto_meter(clock=clock, zeus_meter=zm, power_model=PowerModel(cpu_tdp_w=50.0, dram_gib=4.0))
-    assert meter.components() == {"gpu:0": "measured:nvml", "cpu": "estimated:linear-tdp",
-                                  "dram": "estimated:linear-tdp"}
+    assert meter.components() == {"gpu:0": "measured:nvml", "cpu": "estimated:linear-tdp/process-tree",
+                                  "dram": "estimated:linear-tdp/machine"}
     clock.advance(1.0)
     r = meter.read()
     assert r.energy_j["gpu:0"] == pytest.approx(200.0)
     assert r.energy_j["dram"] == pytest.approx(4.0 * 0.375)
     assert provenance_by_group(meter.components()) == {
-        "cpu": "estimated:linear-tdp", "gpu": "measured:nvml", "dram": "estimated:linear-tdp"}
+        "cpu": "estimated:linear-tdp/process-tree", "gpu": "measured:nvml", "dram": "estimated:linear-tdp/machine"}
     # measured RAPL wins over the estimate when present
     zm2 = ZeusMeter(clock=clock, gpus=SimulatedZeusGPUs([200.0], clock),
                     cpus=SimulatedRAPLCPUs(1, 50.0, 5.0, clock))
     assert auto_meter(clock=clock, zeus_meter=zm2).components()["cpu"] == "measured:rapl"
     # forcing the estimate and switching components off
     forced = auto_meter(cpu="estimated", dram="off", gpu="off", clock=clock, zeus_meter=zm2)
-    assert forced.components() == {"cpu": "estimated:linear-tdp"}
+    assert forced.components() == {"cpu": "estimated:linear-tdp/process-tree"}
 
 
 def test_auto_meter_refuses_impossible_choices():

@@ -8,18 +8,19 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from chains.plots_cli import main as plot_main
-from langchain_energy import plots
-from langchain_energy.results import ResultStore, SweepSpec, TrialRecord, timeline_frame, trial_key
+from chains.harness.plot_cli import main as plot_main
+from chains.harness import plots
+from chains.harness.record import TrialRecord
+from chains.harness.store import ResultStore, SweepSpec, trial_key
+from chains.harness.tables import timeline_frame
 from langchain_energy.timeline import Samples
 
 
 def _trial(workload, knob, value, rep, backend="vllm", status="ok"):
     assign = {knob: value, "backend": backend}
-    settings = {"backend": backend, "batch_size": value if knob == "batch-size" else 8}
-    rec = TrialRecord(key=trial_key(workload, assign, rep), workload=workload, knob=knob, value=value, repeat=rep,
-                      status=status, reason="" if status == "ok" else "KV cache too small", assign=assign,
-                      settings=settings)
+    knobs = {"batch-size": 8, **assign}
+    rec = TrialRecord(key=trial_key(workload, assign, rep), workload=workload, knob=knob, repeat=rep, knobs=knobs,
+                      swept=list(assign), status=status, reason="" if status == "ok" else "KV cache too small")
     if status != "ok":
         return rec
     scale = (1.5 if backend == "parrot" else 1.0) * (1 + 0.05 * rep)

@@ -8,19 +8,11 @@ import math
 import pandas as pd
 import pytest
 
+from chains.harness.record import TrialRecord
+from chains.harness.stats import aggregate, mean_ci, t_quantile
+from chains.harness.store import ResultStore, SweepMismatchError, SweepSpec, trial_key
+from chains.harness.tables import timeline_frame, trial_metrics
 from langchain_energy.errors import ConfigError, DataError
-from langchain_energy.results import (
-    ResultStore,
-    SweepMismatchError,
-    SweepSpec,
-    TrialRecord,
-    aggregate,
-    mean_ci,
-    t_quantile,
-    timeline_frame,
-    trial_key,
-    trial_metrics,
-)
 from langchain_energy.timeline import Samples
 
 
@@ -37,8 +29,8 @@ def _rec(value, repeat, latency, energy, tokens=10, status="ok", reason=""):
          "cached_tokens": 40, "throughput_tok_s": 5.0, "provenance": "cpu=estimated:cpu-util"},
     ]
     return TrialRecord(key=trial_key("search", {"batch-size": value}, repeat), workload="search",
-                       knob="batch-size", value=value, repeat=repeat, status=status, reason=reason,
-                       assign={"batch-size": value}, settings={"batch_size": value, "backend": "vllm"},
+                       knob="batch-size", repeat=repeat, status=status, reason=reason,
+                       knobs={"batch-size": value, "backend": "vllm"}, swept=["batch-size"],
                        summary=summary, meta={"wall_s": latency})
 
 
@@ -161,7 +153,8 @@ def test_aggregate_keeps_crossed_knob_apart():
     for backend, lat in (("vllm", 1.0), ("parrot", 3.0)):
         for rep in range(2):
             r = _rec(1, rep, lat + rep, 1.0)
-            r.assign["backend"] = backend
+            r.knobs["backend"] = backend
+            r.swept.append("backend")
             recs.append(r)
     agg = aggregate(trial_metrics(recs), extra_keys=["backend"]).set_index("backend")
     assert agg.loc["vllm", "latency_s_mean"] == pytest.approx(1.5)
@@ -171,8 +164,8 @@ def test_aggregate_keeps_crossed_knob_apart():
 
 def _knob_rec(workload, knob, value, **across):
     rec = _rec(1, 0, 1.0, 1.0)
-    rec.workload, rec.knob, rec.value = workload, knob, value
-    rec.assign = {knob: value, **across}
+    rec.workload, rec.knob = workload, knob
+    rec.knobs, rec.swept = {knob: value, **across}, [knob, *across]
     rec.key = trial_key(workload, rec.assign, 0)
     return rec
 
@@ -189,13 +182,13 @@ def test_aggregate_orders_numeric_values_numerically(tmp_path):
 
 
 def test_aggregate_orders_by_workload_knob_value_then_across():
-    recs = [_knob_rec(w, knob, v, **{"power-cap": cap})
+    recs = [_knob_rec(w, knob, v, users=cap)
             for w in ("summarize", "search")
             for knob, values in (("output-len", [100, 20, 3]), ("backend", ["vllm", "parrot"]),
                                  ("power-cap", [250.5, 150]))
             for v in values for cap in (300, 50)]
-    agg = aggregate(trial_metrics(recs), extra_keys=["power-cap"])
-    got = list(zip(agg["workload"], agg["knob"], agg["value"], agg["power-cap"]))
+    agg = aggregate(trial_metrics(recs), extra_keys=["users"])
+    got = list(zip(agg["workload"], agg["knob"], agg["value"], agg["users"]))
     want = [(w, knob, v, cap)
             for w in ("search", "summarize")
             for knob, values in (("backend", ["parrot", "vllm"]), ("output-len", [3, 20, 100]),
@@ -204,7 +197,7 @@ def test_aggregate_orders_by_workload_knob_value_then_across():
     assert got == want
 
 
-def test_values_are_numbers_in_every_table_and_text_stays_text(tmp_path):
+def test_values_keep_their_knob_type_in_every_table(tmp_path):
     store = ResultStore(tmp_path)
     store.init(_spec(knobs={"batch-size": [16, 2], "power-cap": [172.5], "prefix-caching": [True],
                             "backend": ["vllm"]}, repeats=1))
@@ -214,8 +207,8 @@ def test_values_are_numbers_in_every_table_and_text_stays_text(tmp_path):
         rec.runs = [{"kind": "llm", "t_start": 0.0, "t_end": 1.0}]
         store.append(rec)
     values = list(store.load_trials()["value"])
-    assert values == ["vllm", 16, 2, 172.5, "true"]
-    assert isinstance(values[1], int)
+    assert values == ["vllm", 16, 2, 172.5, True]
+    assert isinstance(values[1], int) and values[4] is True
     # every table gives the same values, so rows of one configuration can be matched across tables
     assert list(store.load()["value"]) == values and list(store.load_runs()["value"]) == values
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from chains.sweep import SweepConfig, main, plan, run_sweep
+from chains.harness.sweep import SweepConfig, plan, run_sweep
+from chains.harness.sweep_cli import main
 from langchain_energy.errors import InfeasibleConfigError, PowerCapError, PowerCapPermissionError
-from langchain_energy.knobs import PowerCap, SimulatedGPU
-from langchain_energy.results import ResultStore, SweepSpec
+from langchain_energy.power import PowerCap, SimulatedGPU
+from chains.harness.store import ResultStore, SweepSpec
 
 DEFAULTS = {"batch_size": 8, "output_len": 16, "backend": "vllm", "prefix_caching": True, "power_cap_w": None}
 
@@ -131,7 +132,9 @@ def test_power_cap_applied_per_config_and_restored(tmp_path):
     assert sorted(seen) == [("output-len", 8, 700_000), ("power-cap", 250, 250_000), ("power-cap", 300, 300_000)]
     assert gpu.get_power_management_limit(0) == 700_000
     trials = ResultStore(tmp_path).records()
-    assert {t.meta.get("power_cap_mode") for t in trials if t.knob == "power-cap"} == {"applied"}
+    # the simulated GPU took the caps, but no real one did: the records say so
+    assert {t.meta.get("power_cap_mode") for t in trials if t.knob == "power-cap"} == {"simulated"}
+    assert "power_cap_w" not in trials[0].meta  # the cap's value is the knob's, stored once
 
 
 def test_power_cap_restored_when_a_trial_fails(tmp_path):
@@ -189,21 +192,44 @@ def test_cli_bad_input(tmp_path, capsys, argv, message):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_power_cap_simulate_and_dry_run(tmp_path, capsys):
+def test_cli_power_cap_simulate_and_dry_run(tmp_path, capsys, monkeypatch):
+    from langchain_energy import power
+
     assert _cli(tmp_path / "s", "--knob", "power-cap=300", "--power-cap-mode", "simulate") == 0
-    assert _cli(tmp_path / "d", "--knob", "power-cap=100", "--power-cap-mode", "dry-run") == 0
-    modes = {t.meta.get("power_cap_mode") for t in ResultStore(tmp_path / "d").records() if t.knob == "power-cap"}
-    assert modes == {"dry-run"}
     # 100 W is below the simulated H100's 200 W floor: refused up front
     assert _cli(tmp_path / "x", "--knob", "power-cap=100", "--power-cap-mode", "simulate") == 2
     assert "outside" in capsys.readouterr().err
+    # a dry run reads the GPU's range (never sets it): in range it is recorded as not applied ...
+    monkeypatch.setattr(power, "zeus_gpus", lambda: SimulatedGPU(min_w=200, max_w=700, privileged=False))
+    assert _cli(tmp_path / "d", "--knob", "power-cap=300", "--power-cap-mode", "dry-run") == 0
+    modes = {t.meta.get("power_cap_mode") for t in ResultStore(tmp_path / "d").records() if t.knob == "power-cap"}
+    assert modes == {"dry-run"}
+    agg = ResultStore(tmp_path / "d").aggregate()
+    assert set(agg.loc[agg["knob"] == "power-cap", "power_cap_mode"]) == {"dry-run"}
+    capsys.readouterr()
+    # ... and out of range it is refused, in a dry run too
+    assert _cli(tmp_path / "dx", "--knob", "power-cap=5", "--power-cap-mode", "dry-run") == 2
+    assert "outside" in capsys.readouterr().err and not (tmp_path / "dx").exists()
+
+
+def test_cli_power_cap_without_a_gpu_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    from langchain_energy import power
+    from langchain_energy.errors import PowerCapError
+
+    def no_gpu():
+        raise PowerCapError("no GPU to power-cap on this machine; use --power-cap-mode simulate to rehearse")
+
+    monkeypatch.setattr(power, "zeus_gpus", no_gpu)
+    assert _cli(tmp_path / "n", "--knob", "power-cap=5") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no GPU") and err.count("\n") == 1 and not (tmp_path / "n").exists()
 
 
 KILLED_SWEEP = """
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("t", sys.argv[1]); mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
-from chains.sweep import main
+from chains.harness.sweep_cli import main
 sys.exit(main(["--workload", "search,summarize", "--knob", "output-len=1,2,3", "--repeats", "3",
                "--out", sys.argv[2], "--no-progress"], runner_factory=lambda s: mod.CheapRunner(delay_s=0.15)))
 """
@@ -249,7 +275,7 @@ def test_a_time_budget_stops_starting_trials_and_a_rerun_finishes_the_rest(tmp_p
 def test_a_time_budget_starts_no_engine_that_cannot_fit_one_trial(tmp_path, monkeypatch):
     import types
 
-    import chains.sweep as sweep_module
+    import chains.harness.sweep as sweep_module
 
     clock = types.SimpleNamespace(now=0.0)
     monkeypatch.setattr(sweep_module, "time", types.SimpleNamespace(monotonic=lambda: clock.now))

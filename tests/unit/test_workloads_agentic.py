@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from langchain_core.language_models.fake import FakeListLLM
 
-from chains.agentic import TASKS, agentic_workload, build_agentic_graph, calls_per_task, resolve_task
+from chains.workloads.agentic import TASKS, agentic_workload, build_agentic_graph, calls_per_task, resolve_task
 from langchain_energy.errors import ConfigError, DataError
 from tests.unit._workload_helpers import PromptRecorder, SlowFakeLLM
 

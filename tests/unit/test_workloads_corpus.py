@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chains.corpus import embedded_corpus, load_hf_dataset, load_user_documents
+from chains.workloads.corpus import embedded_corpus, load_hf_dataset, load_user_documents
 from langchain_energy.errors import DataError
 from tests.unit._workload_helpers import embedded_counter
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from langchain_core.language_models.fake import FakeListLLM
 
-from chains.runner import WORKLOADS, RunSettings, TrialResult, prepare_inputs, resolve, run_trial, validate
+from chains.harness.trial import WORKLOADS, RunSettings, TrialResult, prepare_inputs, resolve, run_trial, validate
 from langchain_energy.errors import ConfigError, ContextLengthError, DataError
 from tests.unit._workload_helpers import words
 
@@ -26,7 +26,9 @@ def test_presets_fill_only_unset_knobs():
     ({"preset": "huge"}, "unknown preset"),
     ({"batch_size": 0}, "batch-size"),
     ({"power_cap_w": -5.0}, "power-cap"),
-    ({"backend": "ollama"}, "unknown backend"),
+    ({"backend": "ollama"}, "backend must be vllm, openai or parrot"),
+    ({"users": "4"}, "users must be"),
+    ({"temperature": -1.0}, "temperature must be"),
     ({"docs": "a", "dataset": "b"}, "either --docs or --dataset"),
 ])
 def test_bad_settings_are_refused(change, match):
@@ -74,7 +76,7 @@ def test_composite_workflows_overlap_in_time(tmp_path):
 
 
 def test_progress_bar_counts_calls_without_hiding_them_from_the_energy_handler(tmp_path):
-    from chains.progress import CallProgress
+    from chains.harness.progress import CallProgress
 
     settings = RunSettings(workload="search", n_queries=2, max_follow_ups=0)
     inputs = prepare_inputs(settings, words, 4096)

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from langchain_core.language_models.fake import FakeListLLM
 
-from chains.search import build_search_graph, check_fits_context, expected_calls, load_queries, search_workload, system_prompt
+from chains.workloads.search import build_search_graph, check_fits_context, expected_calls, load_queries, search_workload, system_prompt
 from langchain_energy.errors import ConfigError, ContextLengthError
 from tests.unit._workload_helpers import PromptRecorder, embedded_counter
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from langchain_core.language_models.fake import FakeListLLM
 
-from chains.summarize import (
+from chains.workloads.summarize import (
     INITIAL_PROMPT,
     REFINE_PROMPT,
     build_summarize_graph,

@@ -25,7 +25,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 from langgraph.graph import END, START, StateGraph
 
-from chains.llm_utils import LLMSource, acall, ainvoke_many, positive_int, resolve_llm
+from chains.workloads.llm_utils import LLMSource, acall, ainvoke_many, positive_int, resolve_llm
 from langchain_energy.errors import ConfigError, DataError
 
 # Plain format strings: the Parrot path submits the same refine chain as semantic calls.

@@ -1,6 +1,6 @@
 """The multi-agent coding workload on Parrot: the architect and the independent module branches as one DAG.
 
-Same prompts, calls and caps as `chains.agentic`. The architect's design, each engineer's code and each
+Same prompts, calls and caps as `chains.workloads.agentic`. The architect's design, each engineer's code and each
 review are semantic variables: every module branch (engineer -> [reviewer -> reviser] x rounds) hangs off
 the design variable, and all branches are submitted together, so Parrot's scheduler sees them as
 independent chains it may run side by side. The integrator needs bounded excerpts of every module (a
@@ -20,7 +20,7 @@ from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 
-from chains.agentic import (
+from chains.workloads.agentic import (
     ARCHITECT_PROMPT,
     DESIGN_CHARS,
     ENGINEER_PROMPT,
@@ -30,7 +30,7 @@ from chains.agentic import (
     REVISER_PROMPT,
     resolve_task,
 )
-from chains.llm_utils import positive_int
+from chains.workloads.llm_utils import positive_int
 from langchain_energy._loop import run_sync
 from langchain_energy.backends.base import SamplingParams
 from langchain_energy.backends.parrot import ParrotClient, TokenCounter, resolve_token_counter

@@ -1,8 +1,4 @@
-"""Energy knobs: the names a sweep accepts, their parsing, and the GPU power cap (set, verify, always restore).
-
-Knobs are named as on the command line (``batch-size``, ``output-len``, ``input-len``, ``power-cap``,
-``users``, ``backend``, ``prefix-caching``). Each knob says which run-settings field it sets and, for engine
-knobs, which engine field needs a new engine when it changes.
+"""GPU power cap: set, verify by reading back, and always restore the original limit.
 
 The power cap goes through Zeus's device layer (``zeus.device.get_gpus()``); :class:`PowerCap` reads the
 original limit first and puts it back at the end, on an exception, on Ctrl-C and on SIGTERM. Its dry-run mode
@@ -10,8 +6,6 @@ only records the caps asked for. :class:`SimulatedGPU` is a test double of one G
 (a range and a privilege flag) for tests and rehearsals without a GPU.
 
 Example:
-    >>> parse_knob("batch-size=1,2,4")
-    ('batch-size', [1, 2, 4])
     >>> gpu = SimulatedGPU(min_w=100, max_w=300, default_w=250)
     >>> with PowerCap(gpu) as cap:
     ...     cap.set(150)
@@ -25,126 +19,13 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from langchain_energy.errors import ConfigError, PowerCapError, PowerCapPermissionError
 
-
-# -- knob registry -------------------------------------------------------------------------------------
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be a positive integer")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError("must be a positive number")
-    return int(value) if value.is_integer() else value
-
-
-def _bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("on", "true", "yes", "1"):
-        return True
-    if low in ("off", "false", "no", "0"):
-        return False
-    raise ValueError("must be on/off (or true/false)")
-
-
-def _backend(text: str) -> str:
-    low = text.strip().lower()
-    if low not in ("vllm", "parrot"):
-        raise ValueError("must be vllm or parrot")
-    return low
-
-
-@dataclass(frozen=True)
-class KnobSpec:
-    """One sweepable knob.
-
-    Attributes:
-        name: command-line name.
-        field: the run-settings field it sets.
-        parse: text -> value (raises ValueError with a reason).
-        engine_field: the engine-config field it sets; a change needs a new engine. None for others.
-        unit: unit for axis labels.
-        label: human label for figures.
-    """
-
-    name: str
-    field: str
-    parse: Callable[[str], Any]
-    engine_field: str | None = None
-    unit: str = ""
-    label: str = ""
-
-    @property
-    def is_engine_knob(self) -> bool:
-        """Whether changing this knob restarts the engine."""
-        return self.engine_field is not None
-
-
-KNOBS: dict[str, KnobSpec] = {
-    k.name: k
-    for k in (
-        KnobSpec("batch-size", "batch_size", _positive_int, "max_num_seqs", "requests", "Batch size (max_num_seqs)"),
-        KnobSpec("prefix-caching", "prefix_caching", _bool, "enable_prefix_caching", "", "Prefix caching"),
-        KnobSpec("output-len", "output_len", _positive_int, None, "tokens", "Output length"),
-        KnobSpec("input-len", "input_len", _positive_int, None, "tokens", "Input length"),
-        KnobSpec("users", "users", _positive_int, None, "users", "Concurrent users"),
-        KnobSpec("power-cap", "power_cap_w", _positive_float, None, "W", "GPU power cap"),
-        KnobSpec("backend", "backend", _backend, None, "", "Serving system"),
-    )
-}
-
-
-def knob(name: str) -> KnobSpec:
-    """The knob called ``name``.
-
-    Raises:
-        ConfigError: unknown knob (the message lists the known ones).
-    """
-    try:
-        return KNOBS[name]
-    except KeyError:
-        raise ConfigError(f"unknown knob {name!r}; known knobs: {', '.join(KNOBS)}") from None
-
-
-def parse_knob(arg: str) -> tuple[str, list[Any]]:
-    """Parse ``NAME=V1,V2,...`` into the knob name and its typed, de-duplicated values.
-
-    Raises:
-        ConfigError: no ``=``, unknown knob, empty list, an empty item or a value the knob rejects.
-    """
-    name, sep, rest = arg.partition("=")
-    name = name.strip()
-    if not sep:
-        raise ConfigError(f"knob {arg!r} is malformed; write NAME=V1,V2 (e.g. batch-size=1,2,4)")
-    spec = knob(name)
-    items = [s.strip() for s in rest.split(",")]
-    if not rest.strip():
-        raise ConfigError(f"knob {name!r} has an empty value list")
-    values: list[Any] = []
-    for item in items:
-        if not item:
-            raise ConfigError(f"knob {name!r} has an empty item in {rest!r}")
-        try:
-            value = spec.parse(item)
-        except ValueError as exc:
-            raise ConfigError(f"knob {name!r}: value {item!r} is invalid ({exc})") from None
-        if value not in values:
-            values.append(value)
-    return name, values
-
-
-# -- GPU power cap -------------------------------------------------------------------------------------
 
 class PowerLimitDevice(Protocol):
     """The part of Zeus's ``GPUs`` interface the power cap uses (all limits in mW)."""
@@ -247,14 +128,25 @@ def zeus_gpus() -> PowerLimitDevice:
 
         gpus = get_gpus()
     except Exception as exc:  # Zeus raises its own init errors when no GPU library/device exists
-        raise PowerCapError(f"no GPU to power-cap on this machine ({exc}); use the dry-run mode") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PowerCapError(f"no GPU to power-cap on this machine ({first}); {_NO_GPU_HINT}") from exc
     if len(gpus) == 0:
-        raise PowerCapError("no GPU to power-cap on this machine; use the dry-run mode")
+        raise PowerCapError(f"no GPU to power-cap on this machine; {_NO_GPU_HINT}")
     return gpus
+
+
+_NO_GPU_HINT = "a power cap needs a GPU even to be recorded (use --power-cap-mode simulate to rehearse)"
 
 
 def _is_permission_error(exc: BaseException) -> bool:
     return isinstance(exc, PermissionError) or "NoPermission" in type(exc).__name__
+
+
+#: How a command treats its power caps (``--power-cap-mode``).
+POWER_CAP_MODES = ("dry-run", "apply", "simulate")
+POWER_CAP_MODE_HELP = ("dry-run (default): check each cap against the GPU's range and record it as NOT applied; "
+                       "apply: set it through Zeus (needs root), restored at exit; simulate: a simulated GPU, "
+                       "for rehearsals without one")
 
 
 @dataclass
@@ -272,8 +164,8 @@ class PowerCap:
 
     Use as a context manager: the original limit is read on entry and written back (and verified) on exit,
     on an exception, on Ctrl-C (KeyboardInterrupt unwinds through the exit) and on SIGTERM (a handler
-    restores, then exits with status 143). In ``dry_run`` the device is never touched and every requested
-    cap is only recorded in ``events``.
+    restores, then exits with status 143). In ``dry_run`` the device's limit is never set: each requested
+    cap is checked against its range and recorded in ``events`` (``mode`` says which of the two happened).
 
     Args:
         device: a Zeus-like device (``zeus.device.get_gpus()`` when None and not dry-run).
@@ -282,7 +174,7 @@ class PowerCap:
         tolerance_w: how far a read-back may differ from the requested cap.
 
     Example:
-        >>> with PowerCap(dry_run=True) as cap:
+        >>> with PowerCap(SimulatedGPU(min_w=100), dry_run=True) as cap:
         ...     cap.set(150)
         >>> [(e.action, e.watts) for e in cap.events]
         [('dry-run', 150)]
@@ -304,6 +196,26 @@ class PowerCap:
             self.device = zeus_gpus()
         return self.device
 
+    @classmethod
+    def for_mode(cls, mode: str) -> PowerCap:
+        """The power cap of a ``--power-cap-mode`` (see ``POWER_CAP_MODES``).
+
+        Raises:
+            ConfigError: an unknown mode.
+        """
+        if mode == "simulate":
+            return cls(SimulatedGPU())
+        if mode not in POWER_CAP_MODES:
+            raise ConfigError(f"unknown power-cap mode {mode!r}; choose one of: {', '.join(POWER_CAP_MODES)}")
+        return cls(dry_run=mode == "dry-run")
+
+    @property
+    def mode(self) -> str:
+        """``dry-run`` (caps recorded, never set), ``simulated`` (set on the test double) or ``applied``."""
+        if self.dry_run:
+            return "dry-run"
+        return "simulated" if isinstance(self.device, SimulatedGPU) else "applied"
+
     def range_w(self) -> tuple[float, float]:
         """The device's allowed power-limit range in W."""
         lo, hi = self._dev().get_power_management_limit_constraints(self.gpu_index)
@@ -316,20 +228,25 @@ class PowerCap:
     def preflight(self, caps_w: Sequence[float]) -> None:
         """Check, before any trial runs, that every cap is settable: in range and with the privilege.
 
+        The range is checked in every mode, dry run included: a cap no device here could take is not recorded
+        as if it were one. Only the privilege is the dry run's to skip.
+
         Raises:
             ConfigError: a cap that is not a positive number.
-            PowerCapError: a cap outside the device's range, or no GPU.
-            PowerCapPermissionError: this process may not set power limits.
+            PowerCapError: a cap outside the device's range, or no GPU (and no simulated device).
+            PowerCapPermissionError: this process may not set power limits (not in a dry run).
         """
         for cap in caps_w:
             if not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0:
                 raise ConfigError(f"power cap must be a positive number of watts, got {cap!r}")
-        if self.dry_run or not caps_w:
+        if not caps_w:
             return
         lo, hi = self.range_w()
         bad = [c for c in caps_w if not lo <= c <= hi]
         if bad:
             raise PowerCapError(f"power cap(s) {bad} W outside this GPU's range [{lo:g}, {hi:g}] W")
+        if self.dry_run:
+            return
         dev = self._dev()
         allowed = dev.can_set_limits() if hasattr(dev, "can_set_limits") else has_sys_admin()
         if not allowed:
@@ -364,19 +281,22 @@ class PowerCap:
             PowerCapPermissionError: the device refused for lack of privilege.
         """
         if self.dry_run:
+            self._check_range(watts)
             self.events.append(PowerCapEvent("dry-run", watts))
             self.current_w = watts
             return
         if not self._entered:
             raise PowerCapError("use PowerCap as a context manager so the original limit is restored")
-        lo, hi = self.range_w()
-        if lo <= watts <= hi:
-            self._remember_original()
-        if not lo <= watts <= hi:
-            raise PowerCapError(f"power cap {watts:g} W outside this GPU's range [{lo:g}, {hi:g}] W")
+        self._check_range(watts)
+        self._remember_original()
         got = self._write(int(round(watts * 1000)))
         self.events.append(PowerCapEvent("set", watts, got))
         self.current_w = watts
+
+    def _check_range(self, watts: float) -> None:
+        lo, hi = self.range_w()
+        if not lo <= watts <= hi:
+            raise PowerCapError(f"power cap {watts:g} W outside this GPU's range [{lo:g}, {hi:g}] W")
 
     def _write(self, mw: int) -> float:
         dev = self._dev()

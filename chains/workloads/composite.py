@@ -12,9 +12,9 @@ from typing import TypedDict
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 
-from chains.llm_utils import LLMSource
-from chains.search import build_search_graph
-from chains.summarize import build_summarize_graph
+from chains.workloads.llm_utils import LLMSource
+from chains.workloads.search import build_search_graph
+from chains.workloads.summarize import build_summarize_graph
 
 
 class CompositeState(TypedDict, total=False):

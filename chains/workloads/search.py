@@ -24,7 +24,7 @@ from typing import Any, TypedDict
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langgraph.graph import END, START, StateGraph
 
-from chains.llm_utils import LLMSource, acall, ainvoke_many, positive_int, resolve_llm
+from chains.workloads.llm_utils import LLMSource, acall, ainvoke_many, positive_int, resolve_llm
 from langchain_energy.errors import ConfigError, ContextLengthError, DataError
 
 REFORMULATE_PROMPT = "{system}\n\n# REQUEST (query reformulation)\nQuery: {query}\nRewritten request:"
@@ -43,12 +43,12 @@ PROMPT_OVERHEAD_TOKENS = 256
 @lru_cache(maxsize=1)
 def system_prompt() -> str:
     """The static system prompt (role, safety guidelines, domain instructions, examples)."""
-    return resources.files("chains").joinpath("data/search_system_prompt.txt").read_text(encoding="utf-8")
+    return resources.files("chains.workloads").joinpath("data/search_system_prompt.txt").read_text(encoding="utf-8")
 
 
 @lru_cache(maxsize=1)
 def _all_queries() -> tuple[dict, ...]:
-    raw = resources.files("chains").joinpath("data/search_queries.json").read_text(encoding="utf-8")
+    raw = resources.files("chains.workloads").joinpath("data/search_queries.json").read_text(encoding="utf-8")
     return tuple(json.loads(raw))
 
 

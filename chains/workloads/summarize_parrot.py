@@ -1,6 +1,6 @@
 """The summarization workload on Parrot: each document's refine chain as one DAG of semantic calls.
 
-The same prompts and chunks as `chains.summarize`; the difference is who drives the loop. There, the client
+The same prompts and chunks as `chains.workloads.summarize`; the difference is who drives the loop. There, the client
 sends each refine call after reading the previous summary. Here, every call of a document is submitted up
 front and each refine call's ``existing_summary`` is the previous call's output *variable*, so Parrot resolves
 it inside ServeCore and its scheduler sees the whole chain. Each call still appears in LangChain callbacks as
@@ -20,8 +20,8 @@ from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 
-from chains.llm_utils import positive_int
-from chains.summarize import DEFAULT_MAX_CALLS, INITIAL_PROMPT, REFINE_PROMPT
+from chains.workloads.llm_utils import positive_int
+from chains.workloads.summarize import DEFAULT_MAX_CALLS, INITIAL_PROMPT, REFINE_PROMPT
 from langchain_energy._loop import run_sync
 from langchain_energy.backends.base import SamplingParams
 from langchain_energy.backends.parrot import ParrotClient, TokenCounter, resolve_token_counter
@@ -72,7 +72,7 @@ async def arun_summarize_parrot(
     """Summarize chunked documents on Parrot, ``users`` documents at a time, each its own semantic DAG.
 
     Args:
-        documents: each a list of chunks (`chains.summarize.chunk_document`).
+        documents: each a list of chunks (`chains.workloads.summarize.chunk_document`).
         base_url: ServeCore's address.
         model: the engine's served model name.
         tokenizer: the served model's tokenizer or model directory (None: from ``model``'s registry name).
@@ -119,7 +119,7 @@ def summarize_parrot_workload(
 ) -> Runnable:
     """The summarization workload on Parrot as a runnable: chunked documents in, summaries out, one root run.
 
-    Same input and output as `chains.summarize.summarize_workload`; ``options`` go to `arun_summarize_parrot`.
+    Same input and output as `chains.workloads.summarize.summarize_workload`; ``options`` go to `arun_summarize_parrot`.
     """
     async def run(documents: Sequence[Sequence[str]], config: RunnableConfig) -> list[str]:
         results = await arun_summarize_parrot(
@@ -132,20 +132,3 @@ def summarize_parrot_workload(
         return run_sync(run(documents, config))
 
     return RunnableLambda(run_blocking, afunc=run, name="summarize")
-
-
-def run_summarize_parrot(
-    documents: Sequence[Sequence[str]],
-    *,
-    base_url: str,
-    model: str,
-    tokenizer: Any = None,
-    config: RunnableConfig | None = None,
-    **options: Any,
-) -> list[str]:
-    """Synchronous entry point for the CLI's ``--backend parrot``: the summaries, in input order.
-
-    ``options`` are those of `summarize_parrot_workload` (summary_tokens, max_calls, users, temperature, ...).
-    """
-    workload = summarize_parrot_workload(base_url, model, tokenizer=tokenizer, **options)
-    return run_sync(workload.ainvoke(list(documents), config=config))

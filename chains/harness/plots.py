@@ -1,13 +1,13 @@
 """The study's figures from a results store (matplotlib, Agg backend, PNG files).
 
-Each figure function takes tables from :mod:`langchain_energy.results` and returns a matplotlib Figure;
+Each figure function takes tables from :mod:`chains.harness.store` and returns a matplotlib Figure;
 :func:`render_all` draws every figure the store has data for and says why it skipped the others. Energy
 axes say in short whether their numbers are measured or estimated, and a note under the axes gives the full
 provenance (``cpu=estimated:linear-tdp``, ``gpu=measured:nvml``, ...).
 
 Example:
     >>> import tempfile
-    >>> from langchain_energy.results import ResultStore, SweepSpec
+    >>> from chains.harness.store import ResultStore, SweepSpec
     >>> d = tempfile.mkdtemp()
     >>> ResultStore(d).init(SweepSpec(workloads=["search"], knobs={"batch-size": [1]}, repeats=1))
     >>> sorted(render_all(d).values())[0].startswith("skipped")
@@ -31,8 +31,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from langchain_energy.knobs import KNOBS  # noqa: E402
-from langchain_energy.results import STATUS_INFEASIBLE, STATUS_OK, ResultStore, numeric_value  # noqa: E402
+from chains.harness.knobs import KNOBS  # noqa: E402
+from chains.harness.record import STATUS_INFEASIBLE, STATUS_OK  # noqa: E402
+from chains.harness.store import ResultStore  # noqa: E402
+from chains.harness.tables import numeric_value  # noqa: E402
 
 COMPONENTS = (("energy_cpu_j", "CPU"), ("energy_gpu_j", "GPU"), ("energy_dram_j", "DRAM"))
 FIG3_KNOBS = ("output-len", "batch-size", "power-cap")
@@ -86,11 +88,15 @@ def _layout_with_provenance(fig: Figure, df: pd.DataFrame) -> None:
     fig.tight_layout(rect=(0, strip, 1, 1))
 
 
-def _knob_axis(name: str) -> str:
+def _knob_axis(name: str, part: pd.DataFrame | None = None) -> str:
+    """The axis label of knob ``name``; a power cap that was not applied says so on the axis itself."""
     spec = KNOBS.get(name)
-    if spec is None:
-        return name
-    return f"{spec.label} ({spec.unit})" if spec.unit else spec.label
+    label = spec.axis_label() if spec is not None else name
+    if name == "power-cap" and part is not None:
+        modes = set(part.get("power_cap_mode", pd.Series(dtype=object)).dropna())
+        if modes - {"applied"}:
+            label += "\n[NOT applied: " + ", ".join(sorted(modes - {"applied"})) + "]"
+    return label
 
 
 def _sorted_points(part: pd.DataFrame) -> pd.DataFrame:
@@ -129,7 +135,7 @@ def fig_knob_effects(agg: pd.DataFrame, workload: str | None = None) -> Figure:
     """Figure 3: normalized total energy against normalized latency and throughput, one row per knob.
 
     Args:
-        agg: :func:`~langchain_energy.results.aggregate` output.
+        agg: :func:`~chains.harness.stats.aggregate` output.
         workload: which workload (default: the one with the most of output length, batch size, power cap).
     """
     workload = _pick_workload(agg, FIG3_KNOBS, workload)
@@ -142,7 +148,7 @@ def fig_knob_effects(agg: pd.DataFrame, workload: str | None = None) -> Figure:
         energy = _norm(part["energy_j_mean"])
         for ax, metric, label in ((row[0], "latency_s", "latency"), (row[1], "throughput_tok_s", "throughput")):
             ax.plot(part["_x"], energy, "o-", color="tab:green", label="energy")
-            ax.set_xlabel(_knob_axis(name))
+            ax.set_xlabel(_knob_axis(name, part))
             ax.set_ylabel(f"Normalized total energy\n[{kind}]")
             ax.set_ylim(-0.05, 1.1)
             twin = ax.twinx()
@@ -256,7 +262,7 @@ def fig_backend_comparison(agg: pd.DataFrame, workload: str | None = None) -> Fi
         row[2].set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
         row[2].set_ylabel(_energy_label(part, "Total energy"))
         for ax in row:
-            ax.set_xlabel(_knob_axis(name))
+            ax.set_xlabel(_knob_axis(name, part))
         row[0].legend(fontsize=8)
         row[2].legend(fontsize=7, ncol=len(backends))
         row[0].set_title(f"{workload}: {KNOBS[name].label}", fontsize=10)

@@ -27,7 +27,7 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
-from chains.llm_utils import LLMSource, acall, ainvoke_many, positive_int, resolve_llm
+from chains.workloads.llm_utils import LLMSource, acall, ainvoke_many, positive_int, resolve_llm
 from langchain_energy.errors import ConfigError, DataError
 
 # Coding tasks: a one-paragraph brief and the modules the architect splits it into. Fixed module

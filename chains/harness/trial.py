@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -23,9 +24,11 @@ from typing import Any
 import pandas as pd
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import BaseLanguageModel
+from langchain_core.runnables import Runnable
 
-from chains import agentic, search, summarize
-from chains.corpus import embedded_corpus, load_hf_dataset, load_user_documents
+from chains.workloads import agentic, agentic_parrot, search, summarize, summarize_parrot
+from chains.harness.knobs import KNOBS, sampling_fields
+from chains.workloads.corpus import embedded_corpus, load_hf_dataset, load_user_documents
 from langchain_energy.errors import ConfigError, DataError
 
 WORKLOADS = ("summarize", "search", "agentic", "composite")
@@ -54,21 +57,28 @@ COMPOSITE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
 
 @dataclass
 class RunSettings:
-    """Every knob of one trial. ``None`` means "the preset's value for this workload".
+    """Every setting of one trial. ``None`` means "the preset's value for this workload" (or the engine's).
+
+    The fields from ``backend`` to ``temperature`` hold the knobs: what each one sets (an engine field, a
+    sampling parameter, the workload's size, the power cap) is said once, in `chains.harness.knobs.KNOBS`.
 
     Attributes:
         workload: summarize, search, agentic or composite.
         backend: vllm (managed or by base_url), openai (any vLLM URL) or parrot.
+        batch_size: the engine's max_num_seqs.
+        max_batched_tokens: the engine's token budget per step (None: vLLM's default).
+        enforce_eager: run the engine eager (True) or with CUDA graphs (False); None: the engine's default.
+        prefix_caching: the engine's prefix caching.
+        output_len: max tokens per answer (summary budget, search answer, engineer code).
+        input_len: summarization chunk size in tokens of the served model's tokenizer.
+        users: concurrent documents / sessions / tasks.
+        power_cap_w: GPU power cap in watts (the caller sets it, or records it as not applied).
+        ignore_eos: generate exactly output_len tokens per call.
+        temperature: sampling temperature.
         model: registry name (smollm2-135m, llama2-7b-shape), model directory or hub name.
         base_url: an already running server; None starts the embedded engine (CLI).
-        input_len: summarization chunk size in tokens of the served model's tokenizer.
         max_input_tokens: cap on tokens read from each document.
-        output_len: max tokens per answer (summary budget, search answer, engineer code).
         review_len: max tokens of the architect and reviewer (agentic).
-        batch_size: the engine's max_num_seqs (recorded here; the engine owner applies it).
-        users: concurrent documents / sessions / tasks.
-        power_cap_w: GPU power cap in watts (recorded; applied by the caller only when apply_power_cap).
-        apply_power_cap: really set the cap (needs root); otherwise a dry run.
         seed: sampling seed (None: unseeded).
         preset: cpu or study.
         docs: a file or directory of documents (summarize); None uses the embedded corpus.
@@ -79,25 +89,28 @@ class RunSettings:
         tasks: coding tasks (names or briefs); None cycles through the bundled ones.
         rounds: review/revise rounds per module (agentic).
         max_calls: bound on LLM calls per document (summarize, default 40).
-        prefix_caching: the engine's prefix caching (recorded; the engine owner applies it).
-        ignore_eos: generate exactly output_len tokens per call.
-        temperature: sampling temperature.
         max_model_len: the model's context, for input checks (None: the registry's value).
         idle_power_w: idle baseline for the handler (watts, "measure", "model" or None).
     """
 
     workload: str = "search"
+    # -- knobs (chains.harness.knobs) --
     backend: str = "vllm"
-    model: str = "smollm2-135m"
-    base_url: str | None = None
-    input_len: int | None = None
-    max_input_tokens: int | None = None
-    output_len: int | None = None
-    review_len: int | None = None
     batch_size: int = 8
+    max_batched_tokens: int | None = None
+    enforce_eager: bool | None = None
+    prefix_caching: bool = True
+    output_len: int | None = None
+    input_len: int | None = None
     users: int | None = None
     power_cap_w: float | None = None
-    apply_power_cap: bool = False
+    ignore_eos: bool = False
+    temperature: float = 0.7
+    # -- the rest --
+    model: str = "smollm2-135m"
+    base_url: str | None = None
+    max_input_tokens: int | None = None
+    review_len: int | None = None
     seed: int | None = 0
     preset: str = "cpu"
     docs: str | None = None
@@ -111,9 +124,6 @@ class RunSettings:
     tasks: tuple[str, ...] | None = None
     rounds: int | None = None
     max_calls: int = summarize.DEFAULT_MAX_CALLS
-    prefix_caching: bool = True
-    ignore_eos: bool = False
-    temperature: float = 0.7
     max_model_len: int | None = None
     idle_power_w: Any = None
 
@@ -135,25 +145,21 @@ def validate(settings: RunSettings) -> None:
         raise ConfigError(f"unknown workload {settings.workload!r}; choose one of: {', '.join(WORKLOADS)}")
     if settings.preset not in PRESETS:
         raise ConfigError(f"unknown preset {settings.preset!r}; choose one of: {', '.join(PRESETS)}")
-    if settings.backend not in ("vllm", "openai", "parrot"):
-        raise ConfigError(f"unknown backend {settings.backend!r}; choose vllm, openai or parrot")
-    for name in ("input_len", "max_input_tokens", "output_len", "review_len", "users", "n_docs", "n_queries",
-                 "n_tasks", "max_calls", "max_model_len"):
+    values = settings.to_dict()
+    for k in KNOBS.values():
+        # A value the knob refuses ("users must be a positive integer, got 0"), or one of the wrong type.
+        if k.coerce(values[k.field]) != values[k.field]:
+            raise ConfigError(f"{k.name} must be typed, not text: got {values[k.field]!r}")
+    for name in ("max_input_tokens", "review_len", "n_docs", "n_queries", "n_tasks", "max_calls", "max_model_len"):
         value = getattr(settings, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    if isinstance(settings.batch_size, bool) or not isinstance(settings.batch_size, int) or settings.batch_size < 1:
-        raise ConfigError(f"batch-size must be a positive integer, got {settings.batch_size!r}")
     for name in ("rounds", "max_follow_ups"):
         value = getattr(settings, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ConfigError(f"{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
-    if settings.power_cap_w is not None and not settings.power_cap_w > 0:
-        raise ConfigError(f"power-cap must be a positive number of watts, got {settings.power_cap_w!r}")
     if settings.docs and settings.dataset:
         raise ConfigError("give either --docs or --dataset, not both")
-    if not 0 <= settings.temperature:
-        raise ConfigError(f"temperature must be >= 0, got {settings.temperature!r}")
 
 
 def resolve(settings: RunSettings, workload: str | None = None) -> RunSettings:
@@ -170,6 +176,12 @@ def resolve(settings: RunSettings, workload: str | None = None) -> RunSettings:
         preset.update(COMPOSITE_OVERRIDES[settings.preset].get(wl, {}))
     changes = {k: v for k, v in preset.items() if getattr(settings, k) is None}
     return dataclasses.replace(settings, workload=wl, **changes)
+
+
+def _filled_in(settings: RunSettings, workload: str) -> dict[str, Any]:
+    """The fields that :func:`resolve` takes from the preset for ``workload`` (those left unset)."""
+    given, resolved = settings.to_dict(), resolve(settings, workload).to_dict()
+    return {k: v for k, v in resolved.items() if given.get(k) is None and v is not None}
 
 
 @dataclass
@@ -255,26 +267,18 @@ class TrialResult:
     outputs: dict[str, Any] = field(default_factory=dict)
 
 
-def _parrot_summarize(settings: RunSettings, llm: BaseLanguageModel):
-    """The Parrot room's semantic-variable summarization, when installed; else None."""
-    try:
-        from chains.summarize_parrot import summarize_parrot_workload
-    except ImportError:
-        return None
-    return summarize_parrot_workload(
+def _parrot_summarize(settings: RunSettings, llm: BaseLanguageModel) -> Runnable:
+    """The semantic-variable summarization that Parrot's ServeCore runs as one program."""
+    return summarize_parrot.summarize_parrot_workload(
         settings.base_url or getattr(llm, "base_url", None), getattr(llm, "model", settings.model), tokenizer=getattr(llm, "tokenizer", None),
         summary_tokens=settings.output_len, max_calls=settings.max_calls, users=settings.users,
         temperature=settings.temperature, ignore_eos=settings.ignore_eos,
     )
 
 
-def _parrot_agentic(settings: RunSettings, llm: BaseLanguageModel):
-    """The Parrot room's semantic-variable coding workload, when installed; else None."""
-    try:
-        from chains.agentic_parrot import agentic_parrot_workload
-    except ImportError:
-        return None
-    return agentic_parrot_workload(
+def _parrot_agentic(settings: RunSettings, llm: BaseLanguageModel) -> Runnable:
+    """The semantic-variable coding workload that Parrot's ServeCore runs as one program."""
+    return agentic_parrot.agentic_parrot_workload(
         settings.base_url or getattr(llm, "base_url", None), getattr(llm, "model", settings.model), tokenizer=getattr(llm, "tokenizer", None),
         rounds=settings.rounds, code_tokens=settings.output_len, review_tokens=settings.review_len,
         users=settings.users, temperature=settings.temperature,
@@ -286,8 +290,9 @@ def build_workloads(settings: RunSettings, llm: BaseLanguageModel, inputs: Input
     jobs = []
     if inputs.documents:
         s = resolve(settings, "summarize")
-        wl = _parrot_summarize(s, llm) if s.backend == "parrot" else None
-        if wl is None:
+        if s.backend == "parrot":
+            wl = _parrot_summarize(s, llm)
+        else:
             wl = summarize.summarize_workload(llm, summary_tokens=s.output_len, max_calls=s.max_calls, users=s.users)
         jobs.append(("summarize", wl, inputs.documents))
     if inputs.queries:
@@ -295,8 +300,9 @@ def build_workloads(settings: RunSettings, llm: BaseLanguageModel, inputs: Input
         jobs.append(("search", search.search_workload(llm, answer_tokens=s.output_len, users=s.users), inputs.queries))
     if inputs.tasks:
         s = resolve(settings, "agentic")
-        wl = _parrot_agentic(s, llm) if s.backend == "parrot" else None
-        if wl is None:
+        if s.backend == "parrot":
+            wl = _parrot_agentic(s, llm)
+        else:
             wl = agentic.agentic_workload(llm, rounds=s.rounds, code_tokens=s.output_len, review_tokens=s.review_len,
                                           users=s.users)
         jobs.append(("agentic", wl, inputs.tasks))
@@ -306,9 +312,8 @@ def build_workloads(settings: RunSettings, llm: BaseLanguageModel, inputs: Input
 def _sampling_llm(settings: RunSettings, llm: BaseLanguageModel) -> BaseLanguageModel:
     """Apply the trial's sampling knobs to a ServingLLM (other models are used as given)."""
     fields = getattr(type(llm), "model_fields", {})
-    updates = {k: v for k, v in (("seed", settings.seed), ("ignore_eos", settings.ignore_eos),
-                                 ("temperature", settings.temperature))
-               if k in fields and getattr(llm, k) != v}
+    wanted = {"seed": settings.seed, **sampling_fields(settings.to_dict())}
+    updates = {k: v for k, v in wanted.items() if k in fields and getattr(llm, k) != v}
     return llm.model_copy(update=updates) if updates else llm
 
 
@@ -344,34 +349,19 @@ def run_trial(
     Returns:
         The trial's `TrialResult`.
     """
-    from langchain_energy.callbacks import EnergyCallbackHandler
-
     validate(settings)
     if inputs is None:
         inputs = prepare_inputs(settings, llm.get_num_tokens)
     caller_llm, llm = llm, _sampling_llm(settings, llm)
     jobs = build_workloads(settings, llm, inputs)
-    own_handler = handler is None
-    if own_handler:
-        handler = EnergyCallbackHandler(idle_power_w=settings.idle_power_w)
-    config = {"callbacks": [handler, *callbacks]}
-
-    async def go():
-        return await asyncio.gather(*(wl.ainvoke(data, config={**config, "run_name": name}) for name, wl, data in jobs))
-
-    t0 = time.time()
     try:
-        with handler if own_handler else _nullcontext():
-            outputs = _run_coroutine(go())
+        metered = run_jobs(jobs, handler=handler, callbacks=callbacks, idle_power_w=settings.idle_power_w)
     finally:
-        wall = time.time() - t0
         _close_copy(caller_llm, llm)
-    runs = handler.to_dataframe()
-    summary = handler.summary()
-    meter = getattr(getattr(handler, "timeline", None), "meter", None)
+    runs, summary = metered.runs, metered.summary
     meta = {
-        "settings": settings.to_dict(),
-        "resolved": {name: resolve(settings, name).to_dict() for name, _, _ in jobs},
+        # Only what the preset filled in: the settings themselves are the caller's to record, once.
+        "preset_values": {name: _filled_in(settings, name) for name, _, _ in jobs},
         "inputs": {
             "documents": len(inputs.documents),
             "chunks_per_document": [len(c) for c in inputs.documents],
@@ -379,25 +369,65 @@ def run_trial(
             "queries": len(inputs.queries),
             "tasks": inputs.tasks,
         },
-        "wall_s": wall,
         "expected_llm_calls": inputs.expected_calls(settings),
+        **metered.meta,
+        "llm": describe_llm(llm),
+        **(extra_meta or {}),
+    }
+    return TrialResult(runs=runs, summary=summary, meta=meta, outputs=metered.outputs)
+
+
+def describe_llm(llm: Any) -> dict[str, Any]:
+    """What a trial's metadata says of the model that served it."""
+    return {"type": type(llm).__name__,
+            **{k: getattr(llm, k) for k in ("backend", "model", "base_url", "max_tokens") if hasattr(llm, k)}}
+
+
+def run_jobs(
+    jobs: Sequence[tuple[str, Any, Any]],
+    *,
+    handler: Any = None,
+    callbacks: Sequence[BaseCallbackHandler] = (),
+    idle_power_w: Any = None,
+) -> TrialResult:
+    """Run workflows together, each ``(name, runnable, input)`` its own root run, metered by one handler.
+
+    Args:
+        jobs: the workflows; they start together, so concurrent ones are attributed separately.
+        handler: an `EnergyCallbackHandler` to use (default: a new one, closed at the end).
+        callbacks: more handlers for the same runs (a progress bar, a tracer).
+        idle_power_w: the new handler's idle baseline (watts, "measure", "model" or None).
+
+    Returns:
+        Runs, per-workflow summary, outputs by name, and meta (wall time, calls recorded, provenance, meter).
+    """
+    from langchain_energy.callbacks import EnergyCallbackHandler
+
+    own_handler = handler is None
+    if own_handler:
+        handler = EnergyCallbackHandler(idle_power_w=idle_power_w)
+    config = {"callbacks": [handler, *callbacks]}
+
+    async def go():
+        return await asyncio.gather(*(wl.ainvoke(data, config={**config, "run_name": name}) for name, wl, data in jobs))
+
+    t0 = time.time()
+    try:
+        with handler if own_handler else contextlib.nullcontext():
+            outputs = _run_coroutine(go())
+    finally:
+        wall = time.time() - t0
+    runs = handler.to_dataframe()
+    summary = handler.summary()
+    meter = getattr(getattr(handler, "timeline", None), "meter", None)
+    meta = {
+        "wall_s": wall,
         "recorded_llm_calls": int((runs["kind"] == "llm").sum()) if not runs.empty else 0,
         "provenance": sorted(set(summary["provenance"])) if not summary.empty else [],
         "meter": meter.describe() if meter is not None and hasattr(meter, "describe") else None,
-        "llm": {"type": type(llm).__name__, **{k: getattr(llm, k) for k in ("backend", "model", "base_url", "max_tokens")
-                                                if hasattr(llm, k)}},
-        **(extra_meta or {}),
     }
     return TrialResult(runs=runs, summary=summary, meta=meta,
                        outputs={name: out for (name, _, _), out in zip(jobs, outputs)})
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _run_coroutine(coro):

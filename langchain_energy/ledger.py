@@ -1,0 +1,438 @@
+"""The process-wide ledger of runs on one timeline, and the joules folded into them as time passes.
+
+Every handler, model and middleware that meters the same device records its runs here, so a call shares
+each interval with every call in the process, whichever handler recorded it: two handlers never double
+count. The ledger keeps the timeline's samples only back to the oldest open LLM call. Anything older can no
+longer change its split (every call active in it has ended, so its weights and edges are final), so it is
+*folded*: shared among the runs by the pure `attribute` and added to per-run totals, then dropped. Results
+are therefore exact for a run of any length, and memory is bounded by what is still open, not by elapsed
+time. `attribute` stays the reference: folding in pieces gives the same joules as attributing the whole
+history at once (a property test checks it).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_energy.attribution import Span, Weighting, attribute, token_rate_weights
+
+#: Run kinds that take energy first. ``engine_start`` is a managed engine starting inside a call: its joules
+#: are shown on a run of their own and never in a call's.
+CALL_KINDS = ("llm", "chat_model")
+ENERGY_FIRST_KINDS = (*CALL_KINDS, "engine_start")
+
+#: How many samples the ledger buffers before folding on its own (folding also happens at every run end).
+_FOLD_EVERY = 64
+
+
+@dataclass
+class RunRecord:
+    """What is known about one run (LLM call, chat-model call, chain, graph node, tool, engine start).
+
+    ``timing`` says where the call's edges come from: ``"callback"`` (LangChain's start/end events),
+    ``"response"`` (the serving model's own per-call latency, e.g. one prompt of a batch), or ``"batch"``
+    (a batch whose calls all end at the batch's end; the batch's joules are then split by tokens).
+    """
+
+    run_id: Hashable
+    parent_run_id: Hashable | None
+    root_run_id: Hashable
+    name: str
+    kind: str
+    tags: list[str]
+    metadata: dict[str, Any]
+    t_start: float
+    status: str = "running"
+    t_first_token: float | None = None
+    t_end: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    token_source: str | None = None
+    ttft_s: float | None = None
+    error: str | None = None
+    timing: str = "callback"
+    batch_key: Hashable | None = None
+    batch_size: int = 1
+    prompt_text: str | None = field(default=None, repr=False)
+
+    @property
+    def is_call(self) -> bool:
+        """LLM and chat-model runs."""
+        return self.kind in CALL_KINDS
+
+    @property
+    def takes_energy_first(self) -> bool:
+        """Runs that receive an interval's joules before any enclosing chain does."""
+        return self.kind in ENERGY_FIRST_KINDS
+
+    @property
+    def tokens(self) -> int | None:
+        """Prompt (not cached) plus completion tokens, or None when neither is known."""
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return max((self.prompt_tokens or 0) - (self.cached_tokens or 0), 0) + (self.completion_tokens or 0)
+
+
+@dataclass
+class Received:
+    """What one run received: joules per component, split at the first token for calls, and seconds."""
+
+    energy: dict[str, float]
+    prefill: dict[str, float] | None = None
+    decode: dict[str, float] | None = None
+    share_s: float = 0.0
+
+    def add(self, energy: Mapping[str, float], prefill: Mapping[str, float] | None,
+            decode: Mapping[str, float] | None, share_s: float) -> None:
+        """Accumulate another piece of the timeline's split into this run."""
+        _add_into(self.energy, energy)
+        if prefill is not None:
+            self.prefill = _add_into(self.prefill if self.prefill is not None else {}, prefill)
+            self.decode = _add_into(self.decode if self.decode is not None else {}, decode or {})
+        self.share_s += share_s
+
+    def copy(self) -> Received:
+        """An independent copy."""
+        return Received(dict(self.energy), None if self.prefill is None else dict(self.prefill),
+                        None if self.decode is None else dict(self.decode), self.share_s)
+
+
+def _add_into(target: dict[str, float], more: Mapping[str, float]) -> dict[str, float]:
+    for c, j in more.items():
+        target[c] = target.get(c, 0.0) + j
+    return target
+
+
+@dataclass
+class LedgerView:
+    """The ledger's split at one instant, for one weighting: read by handlers to build their tables.
+
+    Attributes:
+        received: run id -> what it received (folded plus pending) up to `t`.
+        cumulative: run id -> the meter's cumulative joules at the run's start and end (end: at `t` if open).
+        t: the instant the view covers up to.
+        final: run ids whose split can no longer change.
+        outside: joules no run received, over the ledger's life up to `t`.
+    """
+
+    received: dict[Hashable, Received]
+    cumulative: dict[Hashable, tuple[dict[str, float], dict[str, float]]]
+    t: float
+    final: set[Hashable]
+    outside: dict[str, float] = field(default_factory=dict)
+
+
+class Ledger:
+    """Open and finished runs on one timeline, with the joules folded into them.
+
+    One ledger belongs to one `Timeline` (``timeline.ledger``); handlers register runs in it and read their
+    shares back. Thread-safe.
+
+    Args:
+        components: the meter's component keys (``"cpu"``, ``"gpu:0"``, ...).
+
+    Example:
+        ```python
+        ledger = Ledger(("gpu:0",))
+        ledger.add_sample(0.0, {"gpu:0": 0.0})
+        ledger.open(RunRecord("a", None, "a", "llm", "llm", [], {}, t_start=0.0))
+        ledger.add_sample(2.0, {"gpu:0": 200.0})
+        ledger.close_run("a", t_end=2.0)
+        ledger.view("equal").received["a"].energy   # {"gpu:0": 200.0}
+        ```
+    """
+
+    def __init__(self, components: Iterable[str]) -> None:
+        self.components = tuple(components)
+        self._lock = threading.RLock()
+        self.lock = self._lock  # held by recorders while they change a live record
+        self._t: list[float] = []
+        self._e: dict[str, list[float]] = {c: [] for c in self.components}
+        self._raw: dict[str, float] = {}  # the meter's last cumulative value per component
+        self._offset: dict[str, float] = {}  # joules of held components, never attributed
+        self._live: dict[Hashable, RunRecord] = {}  # runs that can still receive joules
+        self._holders: dict[Hashable, int] = {}
+        self._received: dict[str, dict[Hashable, Received]] = {"equal": {}, "tokens": {}}
+        self._cum: dict[Hashable, list[dict[str, float] | None]] = {}  # run -> [at start, at end]
+        self._folded_to: float | None = None
+        self.outside_j: dict[str, float] = {c: 0.0 for c in self.components}
+        self.version = 0
+
+    # -- samples -----------------------------------------------------------------------------------------
+    def add_sample(self, t: float, cumulative: Mapping[str, float], held: frozenset[str] = frozenset()) -> None:
+        """Append the meter's cumulative joules at `t` (later than the last sample; earlier ones are ignored).
+
+        Args:
+            t: the sample's instant.
+            cumulative: joules per component.
+            held: components whose joules are not shared (a GPU no engine of this process serves on): they
+                keep their previous value, so no run receives their energy.
+        """
+        with self._lock:
+            if self._t and t <= self._t[-1]:
+                return
+            self._t.append(t)
+            for c in self.components:
+                raw = float(cumulative.get(c, self._raw.get(c, 0.0)))
+                if c in held and c in self._raw:
+                    # What a held component spends is subtracted for good, so it never reaches a run.
+                    self._offset[c] = self._offset.get(c, 0.0) + raw - self._raw[c]
+                self._raw[c] = raw
+                self._e[c].append(raw - self._offset.get(c, 0.0))
+            if self._folded_to is None:
+                self._folded_to = t
+            self._resolve_marks()
+            if len(self._t) > _FOLD_EVERY:
+                self._fold()
+
+    @property
+    def folded_to(self) -> float:
+        """Everything before this instant is folded into per-run totals (-inf before the first sample)."""
+        return self._folded_to if self._folded_to is not None else -math.inf
+
+    @property
+    def samples_held(self) -> int:
+        """Samples kept for open runs (the ledger's memory)."""
+        return len(self._t)
+
+    @property
+    def last_sample_t(self) -> float | None:
+        """The newest sample's instant."""
+        with self._lock:
+            return self._t[-1] if self._t else None
+
+    # -- runs --------------------------------------------------------------------------------------------
+    def open(self, rec: RunRecord) -> RunRecord:
+        """Register a run (or one more holder of an already registered run) and return its one record."""
+        with self._lock:
+            known = self._live.get(rec.run_id)
+            if known is not None or rec.run_id in self._holders:
+                self._holders[rec.run_id] = self._holders.get(rec.run_id, 0) + 1
+                return known if known is not None else rec
+            self._live[rec.run_id] = rec
+            self._holders[rec.run_id] = 1
+            self._cum[rec.run_id] = [None, None]
+            for table in self._received.values():
+                table[rec.run_id] = Received({c: 0.0 for c in self.components})
+            self.version += 1
+            self._resolve_marks()
+            return rec
+
+    def get(self, run_id: Hashable) -> RunRecord | None:
+        """The live record of a run, or None once it is folded away or unknown."""
+        return self._live.get(run_id)
+
+    def changed(self) -> None:
+        """Note that a live record changed (its end, tokens or edges); fold once enough became final."""
+        with self._lock:
+            self.version += 1
+            self._resolve_marks()
+            # Folding costs one `attribute` call: batch it, memory stays bounded by what is open either way.
+            if len(self._live) > _FOLD_EVERY or len(self._t) > _FOLD_EVERY:
+                self._fold()
+
+    def close_run(self, run_id: Hashable, t_end: float) -> None:
+        """End a run at `t_end` (a convenience over setting the record's fields and `changed()`)."""
+        with self._lock:
+            rec = self._live.get(run_id)
+            if rec is not None and rec.t_end is None:
+                rec.t_end = max(t_end, rec.t_start)
+                if rec.status == "running":
+                    rec.status = "ok"
+            self.changed()
+
+    def release(self, run_ids: Iterable[Hashable]) -> None:
+        """A holder forgets these runs; a run's totals are dropped once no holder is left and it has ended."""
+        with self._lock:
+            for rid in run_ids:
+                n = self._holders.get(rid, 0) - 1
+                if n > 0:
+                    self._holders[rid] = n
+                    continue
+                self._holders.pop(rid, None)
+                if rid not in self._live:
+                    self._drop(rid)
+            self.version += 1
+
+    def _drop(self, rid: Hashable) -> None:
+        for table in self._received.values():
+            table.pop(rid, None)
+        self._cum.pop(rid, None)
+
+    # -- folding -----------------------------------------------------------------------------------------
+    def _fold_limit(self) -> float | None:
+        if not self._t:
+            return None
+        limit = self._t[-1]
+        for r in self._live.values():
+            if r.takes_energy_first and r.t_end is None:
+                limit = min(limit, r.t_start)
+        return limit
+
+    def _resolve_marks(self) -> None:
+        """Fix each run's cumulative joules at its edges once a sample at or after the edge exists."""
+        if not self._t:
+            return
+        last = self._t[-1]
+        for rid, rec in self._live.items():
+            marks = self._cum.get(rid)
+            if marks is None:
+                continue
+            if marks[0] is None and rec.t_start <= last:
+                marks[0] = self._cumulative_at(rec.t_start)
+            if marks[1] is None and rec.t_end is not None and rec.t_end <= last:
+                marks[1] = self._cumulative_at(rec.t_end)
+
+    def _cumulative_at(self, t: float) -> dict[str, float]:
+        return {c: interpolate(self._t, self._e[c], t) for c in self.components}
+
+    def fold(self) -> None:
+        """Fold everything that can no longer change now (it otherwise happens in batches, on its own)."""
+        with self._lock:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Attribute everything before the oldest open call and drop those samples."""
+        upto = self._fold_limit()
+        t0 = self._folded_to
+        if upto is None or t0 is None or upto <= t0:
+            return
+        spans_by_w = {w: self._spans(t0, upto, w) for w in self._received}
+        cut = bisect.bisect_right(self._t, upto) + 1  # the first sample after `upto` interpolates up to it
+        times = self._t[:cut]
+        cumulative = {c: v[:cut] for c, v in self._e.items()}
+        for w, spans in spans_by_w.items():
+            result = attribute(times, cumulative, spans, window=(t0, upto), weighting="tokens")
+            table = self._received[w]
+            for s in spans:
+                table[s.run_id].add(result.direct[s.run_id], result.prefill.get(s.run_id),
+                                    result.decode.get(s.run_id), result.share_s[s.run_id])
+            if w == "equal":
+                _add_into(self.outside_j, result.outside)
+        # Keep one (interpolated) sample at the fold point so later pieces interpolate exactly as before.
+        at = self._cumulative_at(upto)
+        keep = bisect.bisect_right(self._t, upto)
+        self._t = [upto] + self._t[keep:]
+        for c in self.components:
+            self._e[c] = [at[c]] + self._e[c][keep:]
+        self._folded_to = upto
+        for rid in [rid for rid, r in self._live.items() if r.t_end is not None and r.t_end <= upto]:
+            del self._live[rid]
+            if rid not in self._holders:
+                self._drop(rid)
+
+    def _spans(self, t0: float, t1: float, weighting: str) -> list[Span]:
+        """Spans of the live runs that overlap [t0, t1], open ones clipped at t1, with their weights."""
+        spans = []
+        batch_tokens: dict[Hashable, list[int | None]] = {}
+        for r in self._live.values():
+            if r.timing == "batch" and r.batch_key is not None:
+                batch_tokens.setdefault(r.batch_key, []).append(r.tokens)
+        for r in self._live.values():
+            end = r.t_end if r.t_end is not None else max(t1, r.t_start)
+            if r.t_start > t1 or end < t0:
+                continue
+            pw, dw = self._weights(r, end, weighting, batch_tokens)
+            first = r.t_first_token if r.takes_energy_first else None
+            parent = r.parent_run_id if r.parent_run_id in self._live else None
+            spans.append(Span(run_id=r.run_id, t_start=r.t_start, t_end=end, is_call=r.takes_energy_first,
+                              parent_id=parent, t_first_token=first, prefill_weight=pw, decode_weight=dw))
+        return spans
+
+    @staticmethod
+    def _weights(r: RunRecord, end: float, weighting: str,
+                 batch_tokens: Mapping[Hashable, list[int | None]]) -> tuple[float, float | None]:
+        if not r.takes_energy_first:
+            return 1.0, None
+        if weighting == "tokens" and r.is_call:
+            return token_rate_weights(r.prompt_tokens, r.completion_tokens, r.t_start, end,
+                                      r.t_first_token, r.cached_tokens)
+        if r.timing == "batch" and r.batch_key is not None:
+            # Calls of one batch all end at the batch's end: their shared span says nothing about who ran
+            # longer, so the batch's share is split by tokens (the batch as a whole weighs its size).
+            members = batch_tokens.get(r.batch_key, [])
+            known = [n for n in members if n is not None]
+            if r.tokens is not None and len(known) == len(members) and sum(known) > 0:
+                return len(members) * r.tokens / sum(known), None
+        return 1.0, None
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def view(self, weighting: Weighting, t: float | None = None, runs: Iterable[Hashable] | None = None) -> LedgerView:
+        """Each run's joules up to `t` (default: the newest sample): folded totals plus the pending split.
+
+        Args:
+            weighting: ``"equal"`` or ``"tokens"``.
+            t: the instant to cover up to; open runs count as running until then.
+            runs: the run ids wanted (all known ones by default).
+        """
+        with self._lock:
+            folded = self._received[weighting]
+            wanted = list(folded) if runs is None else [r for r in runs if r in folded]
+            received = {rid: folded[rid].copy() for rid in wanted}
+            t_cut = t if t is not None else (self._t[-1] if self._t else 0.0)
+            t0 = self._folded_to
+            outside = dict(self.outside_j)
+            if t0 is not None and self._t and t_cut > t0:
+                spans = self._spans(t0, t_cut, weighting)
+                result = attribute(self._t, self._e, spans, window=(t0, t_cut), weighting="tokens")
+                _add_into(outside, result.outside)
+                for s in spans:
+                    if s.run_id in received:
+                        received[s.run_id].add(result.direct[s.run_id], result.prefill.get(s.run_id),
+                                               result.decode.get(s.run_id), result.share_s[s.run_id])
+            cumulative = {}
+            for rid in wanted:
+                marks = self._cum.get(rid) or [None, None]
+                rec = self._live.get(rid)
+                start = marks[0] if marks[0] is not None else (
+                    self._cumulative_at(rec.t_start) if rec is not None and self._t else None)
+                end = marks[1]
+                if end is None and self._t:
+                    t_end = rec.t_end if rec is not None and rec.t_end is not None else t_cut
+                    end = self._cumulative_at(min(t_end, t_cut))
+                if start is not None and end is not None:
+                    cumulative[rid] = (start, end)
+            final = {rid for rid in wanted if rid not in self._live or self._is_final(self._live[rid], weighting)}
+            return LedgerView(received=received, cumulative=cumulative, t=t_cut, final=final, outside=outside)
+
+    def _is_final(self, rec: RunRecord, weighting: str) -> bool:
+        """A run's split is final once it has ended, a sample covers its end, and every call that overlapped
+        it has ended too or (equal weights) is a lone call, whose end can only come later."""
+        if rec.t_end is None or not self._t or self._t[-1] < rec.t_end:
+            return False
+        others = [o for o in self._live.values() if o.takes_energy_first and o.t_start < rec.t_end and o is not rec]
+        if weighting == "equal" and rec.timing != "batch":
+            # Open lone calls will end after now; an open batch member may still end in the past.
+            return all(o.t_end is not None or o.batch_size == 1 for o in others)
+        return all(o.t_end is not None for o in others)
+
+    def open_calls(self) -> int:
+        """How many calls are open now."""
+        with self._lock:
+            return sum(1 for r in self._live.values() if r.takes_energy_first and r.t_end is None)
+
+
+def interpolate(ts: list[float], ys: list[float], t: float) -> float:
+    """Piecewise-linear value of the series (ts, ys) at t, held constant beyond both ends.
+
+    Example:
+        >>> interpolate([0.0, 2.0], [0.0, 10.0], 0.5)
+        2.5
+    """
+    if not ts:
+        return 0.0
+    if t <= ts[0]:
+        return ys[0]
+    if t >= ts[-1]:
+        return ys[-1]
+    i = bisect.bisect_right(ts, t)
+    t0, t1 = ts[i - 1], ts[i]
+    if t1 == t0:
+        return ys[i]
+    return ys[i - 1] + (ys[i] - ys[i - 1]) * (t - t0) / (t1 - t0)

@@ -1,0 +1,227 @@
+"""`EnergyBudgetMiddleware`: meter every model call of a `create_agent` run and stop (or downshift) on a budget."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Annotated, Any, NotRequired
+from uuid import UUID
+
+from langchain.agents.middleware.types import (
+    AgentMiddleware,
+    AgentState,
+    ExtendedModelResponse,
+    ModelRequest,
+    ModelResponse,
+    OmitFromInput,
+    hook_config,
+)
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.tracers.context import register_configure_hook
+from langgraph.types import Command
+
+from langchain_energy.callbacks import EnergyCallbackHandler
+from langchain_energy.errors import ConfigError
+
+__all__ = ["EnergyBudgetMiddleware", "EnergyBudgetState"]
+
+
+class EnergyBudgetState(AgentState[Any]):
+    """Agent state with the run's energy summary (reset at the start of each run, returned at its end)."""
+
+    energy: NotRequired[Annotated[dict[str, Any], OmitFromInput]]
+
+
+class _CallWatch(BaseCallbackHandler):
+    """Notes the run ids of the model calls started while a model call of the agent is in flight."""
+
+    run_inline: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.run_ids: list[UUID] = []
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self.run_ids.append(run_id)
+
+    def on_llm_start(self, serialized: Any, prompts: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self.run_ids.append(run_id)
+
+
+# Handlers in these variables join every LangChain run configured in the context (like `energy_callback()`),
+# so that a model call is metered whatever model class answers it and however the agent passes config.
+_watch_var: ContextVar[_CallWatch | None] = ContextVar("langchain_energy_budget_watch", default=None)
+_meter_var: ContextVar[EnergyCallbackHandler | None] = ContextVar("langchain_energy_budget_meter", default=None)
+register_configure_hook(_watch_var, inheritable=True)
+register_configure_hook(_meter_var, inheritable=True)
+
+
+class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
+    """Meters each model call of an agent run and enforces an energy budget per run.
+
+    Every model call (`wrap_model_call`) is metered by an `EnergyCallbackHandler` (the process's shared timeline
+    and attribution, so concurrent runs split the device's joules rather than each counting all of it). The run's
+    joules, tokens and J/token are kept in the agent state under ``energy``. When the run has spent `budget_j`
+    joules, or its joules per generated token reach `budget_j_per_token`, the next model call goes to
+    `fallback_model` if one is given; without one the run ends cleanly with an AI message that says why. Works
+    with any chat model.
+
+    Args:
+        budget_j: joules one run may spend on model calls (None: no joule budget).
+        budget_j_per_token: joules per generated token the run may reach (None: no such budget).
+        fallback_model: the model to switch to once the budget is spent (None: end the run).
+        handler: the energy handler that meters the calls (default: one made on first use, on the shared
+            timeline of the automatic meter).
+        min_tokens_for_rate: generated tokens the run needs before `budget_j_per_token` is judged.
+
+    Example:
+        .. code-block:: python
+
+            from langchain.agents import create_agent
+            from langchain_energy import ChatServing, EnergyBudgetMiddleware
+
+            agent = create_agent(ChatServing(max_tokens=128), tools=[check_syntax],
+                                 middleware=[EnergyBudgetMiddleware(budget_j=500.0)])
+            state = agent.invoke({"messages": [("user", "Write and check a module.")]})
+            state["energy"]   # {'energy_j': ..., 'output_tokens': ..., 'j_per_token': ..., 'exhausted': False, ...}
+    """
+
+    state_schema = EnergyBudgetState
+
+    def __init__(
+        self,
+        budget_j: float | None = None,
+        budget_j_per_token: float | None = None,
+        *,
+        fallback_model: BaseChatModel | None = None,
+        handler: EnergyCallbackHandler | None = None,
+        min_tokens_for_rate: int = 1,
+    ) -> None:
+        super().__init__()
+        if budget_j is None and budget_j_per_token is None:
+            raise ConfigError("EnergyBudgetMiddleware needs budget_j or budget_j_per_token")
+        for name, value in (("budget_j", budget_j), ("budget_j_per_token", budget_j_per_token)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ConfigError(f"{name} must be a positive number of joules, got {value!r}")
+        if isinstance(min_tokens_for_rate, bool) or not isinstance(min_tokens_for_rate, int) or min_tokens_for_rate < 1:
+            raise ConfigError(f"min_tokens_for_rate must be a positive integer, got {min_tokens_for_rate!r}")
+        if fallback_model is not None and not isinstance(fallback_model, BaseChatModel):
+            raise ConfigError(f"fallback_model must be a chat model, got {type(fallback_model).__name__}")
+        self.budget_j = None if budget_j is None else float(budget_j)
+        self.budget_j_per_token = None if budget_j_per_token is None else float(budget_j_per_token)
+        self.fallback_model = fallback_model
+        self.min_tokens_for_rate = min_tokens_for_rate
+        self._handler = handler
+        self._lock = threading.Lock()
+
+    @property
+    def handler(self) -> EnergyCallbackHandler:
+        """The handler that meters the model calls (made on first use)."""
+        with self._lock:
+            if self._handler is None:
+                self._handler = EnergyCallbackHandler()
+            return self._handler
+
+    # -- the run's summary -----------------------------------------------------------------------------
+    def _fresh(self) -> dict[str, Any]:
+        return {"energy_j": 0.0, "energy_measured_j": 0.0, "input_tokens": 0, "output_tokens": 0,
+                "j_per_token": math.nan, "model_calls": 0, "budget_j": self.budget_j,
+                "budget_j_per_token": self.budget_j_per_token, "exhausted": False, "fallback_calls": 0,
+                "provenance": {}}
+
+    def _spent(self, summary: dict[str, Any]) -> str | None:
+        """Why the budget is spent, or None."""
+        if self.budget_j is not None and summary["energy_j"] >= self.budget_j:
+            return f"{summary['energy_j']:.1f} J of a {self.budget_j:g} J budget"
+        if (self.budget_j_per_token is not None and summary["output_tokens"] >= self.min_tokens_for_rate
+                and summary["j_per_token"] >= self.budget_j_per_token):
+            return f"{summary['j_per_token']:.3g} J/token against a {self.budget_j_per_token:g} J/token budget"
+        return None
+
+    def _add_call(self, summary: dict[str, Any], run_ids: list[UUID], messages: list[BaseMessage],
+                  fallback: bool) -> dict[str, Any]:
+        out = dict(summary)
+        handler = self.handler
+        for run_id in run_ids:
+            energy = handler.energy_of(run_id)
+            if energy is None:
+                continue
+            out["energy_j"] += float(energy.get("energy_j", math.nan))
+            out["energy_measured_j"] += float(energy.get("energy_measured_j", math.nan))
+            out["provenance"] = energy.get("provenance") or out["provenance"]
+        for message in messages:
+            usage = getattr(message, "usage_metadata", None) or {}
+            out["input_tokens"] += int(usage.get("input_tokens") or 0)
+            out["output_tokens"] += int(usage.get("output_tokens") or 0)
+        out["model_calls"] += 1
+        out["fallback_calls"] += int(fallback)
+        out["j_per_token"] = out["energy_j"] / out["output_tokens"] if out["output_tokens"] else math.nan
+        out["exhausted"] = self._spent(out) is not None
+        return out
+
+    @contextmanager
+    def _metered(self) -> Iterator[_CallWatch]:
+        watch = _CallWatch()
+        watch_token = _watch_var.set(watch)
+        meter_token = _meter_var.set(self.handler)
+        try:
+            yield watch
+        finally:
+            _meter_var.reset(meter_token)
+            _watch_var.reset(watch_token)
+
+    # -- hooks -----------------------------------------------------------------------------------------
+    def before_agent(self, state: EnergyBudgetState, runtime: Any) -> dict[str, Any] | None:
+        """Start the run's summary afresh (a thread's earlier runs had their own budget)."""
+        return {"energy": self._fresh()}
+
+    async def abefore_agent(self, state: EnergyBudgetState, runtime: Any) -> dict[str, Any] | None:
+        """Async form of `before_agent`."""
+        return self.before_agent(state, runtime)
+
+    @hook_config(can_jump_to=["end"])
+    def before_model(self, state: EnergyBudgetState, runtime: Any) -> dict[str, Any] | None:
+        """End the run cleanly when its budget is spent and there is no fallback model."""
+        summary = state.get("energy") or self._fresh()
+        why = self._spent(summary)
+        if why is None or self.fallback_model is not None:
+            return None
+        note = AIMessage(content=f"Stopped: this run's energy budget is spent ({why}).",
+                         response_metadata={"energy_budget": "exhausted"})
+        return {"jump_to": "end", "messages": [note], "energy": {**summary, "exhausted": True}}
+
+    @hook_config(can_jump_to=["end"])
+    async def abefore_model(self, state: EnergyBudgetState, runtime: Any) -> dict[str, Any] | None:
+        """Async form of `before_model`."""
+        return self.before_model(state, runtime)
+
+    def _prepare(self, request: ModelRequest) -> tuple[ModelRequest, dict[str, Any], bool]:
+        summary = request.state.get("energy") or self._fresh()
+        fallback = self.fallback_model is not None and self._spent(summary) is not None
+        if fallback:
+            request = request.override(model=self.fallback_model)
+        return request, summary, fallback
+
+    def wrap_model_call(self, request: ModelRequest,
+                        handler: Callable[[ModelRequest], ModelResponse]) -> ExtendedModelResponse:
+        """Meter one model call (on the fallback model once the budget is spent) and add it to the run."""
+        request, summary, fallback = self._prepare(request)
+        with self._metered() as watch:
+            response = handler(request)
+        summary = self._add_call(summary, watch.run_ids, response.result, fallback)
+        return ExtendedModelResponse(model_response=response, command=Command(update={"energy": summary}))
+
+    async def awrap_model_call(self, request: ModelRequest,
+                               handler: Callable[[ModelRequest], Awaitable[ModelResponse]]) -> ExtendedModelResponse:
+        """Async form of `wrap_model_call`."""
+        request, summary, fallback = self._prepare(request)
+        with self._metered() as watch:
+            response = await handler(request)
+        summary = self._add_call(summary, watch.run_ids, response.result, fallback)
+        return ExtendedModelResponse(model_response=response, command=Command(update={"energy": summary}))

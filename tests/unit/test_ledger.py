@@ -1,0 +1,106 @@
+"""The ledger folds the timeline in pieces; the pure `attribute` over the whole history is the reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from langchain_energy.attribution import Span, attribute, token_rate_weights
+from langchain_energy.ledger import Ledger, RunRecord
+
+
+def call(rid, t, parent=None, kind="llm"):
+    return RunRecord(run_id=rid, parent_run_id=parent, root_run_id=parent or rid, name=rid, kind=kind,
+                     tags=[], metadata={}, t_start=t)
+
+
+@st.composite
+def histories(draw):
+    """A random interleaving of samples (random power) and run starts/ends on an increasing clock."""
+    n_runs = draw(st.integers(1, 6))
+    events = []
+    t, cum = 0.0, 0.0
+    open_runs: list[str] = []
+    started = 0
+    for _ in range(draw(st.integers(4, 40))):
+        t += draw(st.floats(0.01, 2.0))
+        choice = draw(st.sampled_from(["sample", "sample", "start", "end"]))
+        if choice == "start" and started < n_runs:
+            rid = f"r{started}"
+            parent = draw(st.sampled_from([None, *open_runs])) if open_runs else None
+            kind = draw(st.sampled_from(["llm", "chain"]))
+            tokens = (draw(st.integers(0, 50)), draw(st.integers(0, 50)))
+            events.append(("start", t, rid, parent, kind, tokens))
+            open_runs.append(rid)
+            started += 1
+        elif choice == "end" and open_runs:
+            rid = draw(st.sampled_from(open_runs))
+            open_runs.remove(rid)
+            events.append(("end", t, rid))
+        else:
+            cum += draw(st.floats(0.0, 300.0)) * 0.5
+            events.append(("sample", t, cum))
+    t += 0.5
+    for rid in open_runs:
+        t += 0.1
+        events.append(("end", t, rid))
+    events.append(("sample", t + 0.1, cum + 7.0))
+    return events
+
+
+def replay(events, weighting):
+    ledger = Ledger(("gpu:0",))
+    recs = {}
+    times, cum = [], []
+    for ev in events:
+        if ev[0] == "sample":
+            ledger.add_sample(ev[1], {"gpu:0": ev[2]})
+            times.append(ev[1])
+            cum.append(ev[2])
+        elif ev[0] == "start":
+            _, t, rid, parent, kind, tokens = ev
+            rec = call(rid, t, parent, kind)
+            rec.prompt_tokens, rec.completion_tokens = tokens
+            recs[rid] = ledger.open(rec)
+        else:
+            ledger.close_run(ev[2], ev[1])
+    return ledger, recs, times, cum
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories(), st.sampled_from(["equal", "tokens"]))
+def test_folding_in_pieces_equals_attributing_the_whole_history(events, weighting):
+    ledger, recs, times, cum = replay(events, weighting)
+    view = ledger.view(weighting, t=times[-1])
+    spans = []
+    for r in recs.values():
+        pw, dw = (token_rate_weights(r.prompt_tokens, r.completion_tokens, r.t_start, r.t_end)
+                  if weighting == "tokens" and r.is_call else (1.0, None))
+        spans.append(Span(r.run_id, r.t_start, r.t_end, r.is_call, r.parent_run_id, None, pw, dw))
+    pure = attribute(times, {"gpu:0": cum}, spans, window=(times[0], times[-1]), weighting=weighting)
+    for rid in recs:
+        assert view.received[rid].energy["gpu:0"] == pytest.approx(pure.direct[rid]["gpu:0"], rel=1e-9, abs=1e-6)
+        assert view.received[rid].share_s == pytest.approx(pure.share_s[rid], rel=1e-9, abs=1e-9)
+    # conservation over the ledger's life: every joule went to a run or outside
+    got = math.fsum(v.energy["gpu:0"] for v in view.received.values()) + view.outside["gpu:0"]
+    assert got == pytest.approx(cum[-1] - cum[0], rel=1e-9, abs=1e-6)
+    # everything has ended: once folded, nothing is held but the fold point
+    ledger.fold()
+    assert ledger.samples_held == 1
+    assert ledger.view(weighting, t=times[-1]).received.keys() == recs.keys()
+
+
+def test_memory_is_bounded_by_what_is_open_not_by_elapsed_time():
+    ledger = Ledger(("gpu:0",))
+    t = 0.0
+    for i in range(5000):
+        ledger.add_sample(t, {"gpu:0": 300.0 * t})
+        if i % 50 == 0:
+            ledger.open(call(f"c{i}", t))
+        if i % 50 == 25:
+            ledger.close_run(f"c{i - 25}", t)
+        t += 0.1
+    assert ledger.samples_held < 100
