@@ -29,7 +29,8 @@ from langchain_core.messages import (
     convert_to_openai_messages,
 )
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.messages import InvalidToolCall, ToolCall
+from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 from langchain_core.exceptions import OutputParserException
 from langchain_core.output_parsers import JsonOutputKeyToolsParser, JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import PydanticToolsParser
@@ -43,7 +44,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 from langchain_energy._auth import key_to_send
 from langchain_energy._loop import iterate_sync, run_sync
 from langchain_energy._tools import ForcedCall, new_call_id, schema_name, normalize_tool_choice, tool_specs
-from langchain_energy.backends.base import Completion, SamplingParams
+from langchain_energy.backends.base import Completion, SamplingParams, StreamEvent
 from langchain_energy.backends.openai_compat import OpenAICompatBackend
 from langchain_energy.backends.vllm_server import EngineConfig, VLLMServer, shared_server
 from langchain_energy.errors import BackendUnreachableError, ConfigError
@@ -104,7 +105,7 @@ class ChatServing(BaseChatModel):
     base_url: str | None = None
     """URL of the server for ``openai``, ending in /v1; unused for ``vllm``."""
     api_key: SecretStr | None = Field(default_factory=secret_from_env("OPENAI_API_KEY", default=None))
-    """API key sent as a bearer token (default: ``OPENAI_API_KEY``); never logged nor shown in errors."""
+    """Bearer token for URL servers (default: ``OPENAI_API_KEY``; the managed engine only if its flags ask for one)."""
     engine: EngineConfig | None = None
     """Engine knobs of the managed server (``vllm`` only); default: ``EngineConfig(model=model)``."""
     auto_tool_choice: bool | None = None
@@ -357,74 +358,123 @@ class ChatServing(BaseChatModel):
         request = {"messages": convert_to_openai_messages(messages), "extra": extra, "model": model}
         return {"params": params, "request": request}, forced
 
-    async def _events(self, call: dict[str, Any], forced: ForcedCall | None,
-                      t_enter: float) -> AsyncIterator[ChatGenerationChunk]:
-        """One streamed call as chat chunks; the last carries usage, timings and the call's accounting."""
+    async def _backend_events(self, call: dict[str, Any], forced: ForcedCall | None,
+                              t_enter: float) -> AsyncIterator[StreamEvent]:
+        """The backend's events for one call: the engine started if needed, unreachable servers retried (only
+        before anything arrived), refusals turned into specific errors. The last event's completion carries the
+        call's edges (``sent_after_s``, ``engine_start_s``) for the energy handler."""
         was_started = self._backend is not None
         backend = await self._aget_backend()
         took = time.monotonic() - t_enter
         engine_start_s = took if not was_started and took >= _ENGINE_START_MIN_S else 0.0
-        call_id = new_call_id()
-        text: list[str] = []
         for attempt in range(self.max_retries + 1):
             sent_after = time.monotonic() - t_enter
-            yielded = False
+            received = False
             try:
                 async for event in backend.astream("", call["params"], **call["request"]):
                     if event.completion is not None:
-                        if forced is not None and not forced.single:
-                            # Several eligible tools: the name is known only once the whole object is decoded.
-                            for chunk in _whole_call_chunks(forced, "".join(text), call_id):
-                                yield chunk
                         event.completion.extra["sent_after_s"] = sent_after
                         if engine_start_s > 0:
                             event.completion.extra["engine_start_s"] = engine_start_s
-                        yield self._last_chunk(event.completion, backend.model_name if not call["request"]["model"]
-                                               else call["request"]["model"], forced is not None)
-                        return
-                    yielded = True
-                    if forced is not None:
-                        text.append(event.text)
-                        if forced.single and event.text:
-                            first = len(text) == 1
-                            yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[
-                                tool_call_chunk(name=forced.names[0] if first else None, args=event.text,
-                                                id=call_id if first else None, index=0)]))
-                        continue
-                    yield ChatGenerationChunk(message=AIMessageChunk(
-                        content=event.text, tool_call_chunks=[_server_call_chunk(c) for c in event.tool_calls]))
+                    received = True
+                    yield event
                 return
             except BackendUnreachableError:
-                if yielded or attempt >= self.max_retries:
+                if received or attempt >= self.max_retries:
                     raise
                 await asyncio.sleep(min(0.5 * 2**attempt, 4.0))
             except ConfigError as exc:
-                if any(p in str(exc) for p in _NO_PARSER_PHRASES):
-                    raise ConfigError(_NO_PARSER) from exc
-                fmt = call["request"]["extra"].get("response_format") or {}
-                if fmt.get("type") == "json_schema" and "grammar" in str(exc).lower():
-                    what = (f"tool {forced.names[0]!r}" if forced is not None and forced.single
-                            else f"schema {fmt['json_schema'].get('name')!r}")
-                    raise ConfigError(f"the engine cannot decode the JSON schema of {what}: {exc}") from exc
-                raise
+                raise self._refusal(exc, call, forced) from exc
 
-    def _last_chunk(self, completion: Completion, model_name: str, forced: bool) -> ChatGenerationChunk:
+    @staticmethod
+    def _refusal(exc: ConfigError, call: dict[str, Any], forced: ForcedCall | None) -> ConfigError:
+        """A refused request as the specific error: no tool-call parser, or a schema the engine cannot decode."""
+        if any(p in str(exc) for p in _NO_PARSER_PHRASES):
+            return ConfigError(_NO_PARSER)
+        fmt = call["request"]["extra"].get("response_format") or {}
+        if fmt.get("type") == "json_schema" and "grammar" in str(exc).lower():
+            what = (f"tool {forced.names[0]!r}" if forced is not None and forced.single
+                    else f"schema {fmt['json_schema'].get('name')!r}")
+            return ConfigError(f"the engine cannot decode the JSON schema of {what}: {exc}")
+        return exc
+
+    def _model_name(self, call: dict[str, Any]) -> str:
+        return call["request"]["model"] or (self._backend.model_name if self._backend else self.model)
+
+    async def _events(self, call: dict[str, Any], forced: ForcedCall | None,
+                      t_enter: float) -> AsyncIterator[ChatGenerationChunk]:
+        """One streamed call as chat chunks; the last carries usage, timings and the call's accounting."""
+        call_id = new_call_id()
+        text: list[str] = []
+        async for event in self._backend_events(call, forced, t_enter):
+            if event.completion is not None:
+                if forced is not None and not forced.single:
+                    # Several eligible tools: the name is known only once the whole object is decoded.
+                    yield _whole_call_chunk(forced, "".join(text), call_id)
+                yield self._last_chunk(event.completion, self._model_name(call), forced is not None)
+                continue  # the last event: let the generators end by themselves (no finalizer round trip)
+            if forced is not None:
+                text.append(event.text)
+                if forced.single and event.text:
+                    first = len(text) == 1
+                    yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[
+                        tool_call_chunk(name=forced.names[0] if first else None, args=event.text,
+                                        id=call_id if first else None, index=0)]))
+                continue
+            yield ChatGenerationChunk(message=AIMessageChunk(
+                content=event.text, tool_call_chunks=[_server_call_chunk(c) for c in event.tool_calls]))
+
+    def _usage(self, completion: Completion) -> UsageMetadata:
+        usage = UsageMetadata(input_tokens=completion.prompt_tokens, output_tokens=completion.completion_tokens,
+                              total_tokens=completion.prompt_tokens + completion.completion_tokens)
+        if completion.cached_tokens is not None:
+            usage["input_token_details"] = {"cache_read": int(completion.cached_tokens)}
+        return usage
+
+    @staticmethod
+    def _metadata(completion: Completion, model_name: str, forced: bool) -> dict[str, Any]:
         finish = completion.finish_reason
         if forced and finish == "stop":
             finish = "tool_calls"
-        usage = None
-        if self.stream_usage:
-            usage = UsageMetadata(input_tokens=completion.prompt_tokens, output_tokens=completion.completion_tokens,
-                                  total_tokens=completion.prompt_tokens + completion.completion_tokens)
-            if completion.cached_tokens is not None:
-                usage["input_token_details"] = {"cache_read": int(completion.cached_tokens)}
-        metadata = {"model_name": model_name, "model_provider": "vllm", "finish_reason": finish,
-                    "ttft_s": completion.ttft_s, "latency_s": completion.latency_s}
+        return {"model_name": model_name, "model_provider": "vllm", "finish_reason": finish,
+                "ttft_s": completion.ttft_s, "latency_s": completion.latency_s}
+
+    def _last_chunk(self, completion: Completion, model_name: str, forced: bool) -> ChatGenerationChunk:
         return ChatGenerationChunk(
-            message=AIMessageChunk(content="", usage_metadata=usage, response_metadata=metadata,
+            message=AIMessageChunk(content="", usage_metadata=self._usage(completion) if self.stream_usage else None,
+                                   response_metadata=self._metadata(completion, model_name, forced),
                                    chunk_position="last"),
             generation_info=completion.generation_info(),
         )
+
+    async def _collect(self, call: dict[str, Any], forced: ForcedCall | None, t_enter: float) -> ChatResult:
+        """One call as a finished message, built once from the backend's events (no per-token chunks)."""
+        text: list[str] = []
+        server_calls: dict[int, dict[str, Any]] = {}
+        completion: Completion | None = None
+        async for event in self._backend_events(call, forced, t_enter):
+            if event.completion is not None:
+                completion = event.completion  # the last event: the generators end by themselves (no finalizer)
+                continue
+            text.append(event.text)
+            for delta in event.tool_calls:
+                entry = server_calls.setdefault(int(delta.get("index", 0)), {"name": None, "id": None, "args": []})
+                fn = delta.get("function") or {}
+                entry["name"] = entry["name"] or fn.get("name")
+                entry["id"] = entry["id"] or delta.get("id")
+                entry["args"].append(fn.get("arguments") or "")
+        assert completion is not None  # the backend always ends with the completion
+        body = "".join(text)
+        if forced is not None:
+            calls, invalid = forced.parse(body)
+            content = ""
+        else:
+            calls, invalid = _server_calls(server_calls)
+            content = body
+        message = AIMessage(content=content, tool_calls=calls, invalid_tool_calls=invalid,
+                            usage_metadata=self._usage(completion),
+                            response_metadata=self._metadata(completion, self._model_name(call), forced is not None))
+        return ChatResult(generations=[ChatGeneration(message=message, generation_info=completion.generation_info())])
 
     # -- BaseChatModel hooks ---------------------------------------------------------------------------
     async def _agenerate(
@@ -435,11 +485,7 @@ class ChatServing(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         t_enter = time.monotonic()
-        full: ChatGenerationChunk | None = None
-        call, forced = self._request(messages, stop, kwargs)
-        async for chunk in self._events(call, forced, t_enter):
-            full = chunk if full is None else full + chunk
-        return _result(full, forced)
+        return await self._collect(*self._request(messages, stop, kwargs), t_enter)
 
     def _generate(
         self,
@@ -512,34 +558,35 @@ def _server_call_chunk(delta: dict[str, Any]) -> Any:
                            index=delta.get("index", 0))
 
 
-def _whole_call_chunks(forced: ForcedCall, text: str, call_id: str) -> list[ChatGenerationChunk]:
+def _whole_call_chunk(forced: ForcedCall, text: str, call_id: str) -> ChatGenerationChunk:
+    """A forced call among several tools as one chunk (its name is known only once the object is decoded)."""
     calls, invalid = forced.parse(text, call_id)
-    if calls:
-        args = json.dumps(calls[0]["args"], ensure_ascii=False)
-        return [ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[
-            tool_call_chunk(name=calls[0]["name"], args=args, id=call_id, index=0)]))]
-    return [ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[
-        tool_call_chunk(name=invalid[0]["name"], args=text, id=call_id, index=0)]))]
+    name, args = (calls[0]["name"], json.dumps(calls[0]["args"], ensure_ascii=False)) if calls else (
+        invalid[0]["name"], text)
+    return ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[
+        tool_call_chunk(name=name, args=args, id=call_id, index=0)]))
 
 
-def _result(full: ChatGenerationChunk | None, forced: ForcedCall | None) -> ChatResult:
-    """The finished call as a `ChatResult`: a forced call's arguments read with a strict JSON parser."""
-    assert full is not None  # _events always ends with the accounting chunk
-    chunk = full.message
-    fields = {"content": chunk.content, "response_metadata": chunk.response_metadata,
-              "usage_metadata": chunk.usage_metadata, "id": chunk.id}
-    if forced is not None:
-        text = "".join(str(c.get("args") or "") for c in chunk.tool_call_chunks) if forced.single else None
-        if text is not None:
-            calls, invalid = forced.parse(text, chunk.tool_call_chunks[0].get("id") if chunk.tool_call_chunks
-                                          else None)
-        else:
-            calls, invalid = list(chunk.tool_calls), list(chunk.invalid_tool_calls)
-        message = AIMessage(**fields, tool_calls=calls, invalid_tool_calls=invalid)
-    else:
-        message = AIMessage(**fields, tool_calls=list(chunk.tool_calls),
-                            invalid_tool_calls=list(chunk.invalid_tool_calls))
-    return ChatResult(generations=[ChatGeneration(message=message, generation_info=full.generation_info)])
+def _server_calls(raw: dict[int, dict[str, Any]]) -> tuple[list[ToolCall], list[InvalidToolCall]]:
+    """Tool calls found by the server's parser, accumulated from their stream deltas."""
+    calls: list[ToolCall] = []
+    invalid: list[InvalidToolCall] = []
+    for index in sorted(raw):
+        entry = raw[index]
+        args = "".join(entry["args"])
+        call_id = entry["id"] or new_call_id()
+        try:
+            value = json.loads(args) if args.strip() else {}
+        except ValueError as exc:
+            invalid.append(invalid_tool_call(name=entry["name"], args=args, id=call_id, error=str(exc)))
+            continue
+        if not isinstance(value, dict):
+            # facts.md: a server parser once returned a bare JSON string as the arguments.
+            invalid.append(invalid_tool_call(name=entry["name"], args=args, id=call_id,
+                                             error="the server's parser returned arguments that are not an object"))
+            continue
+        calls.append(tool_call(name=entry["name"] or "", args=value, id=call_id))
+    return calls, invalid
 
 
 def _decodable(schema: dict[str, Any]) -> dict[str, Any]:

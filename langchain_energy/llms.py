@@ -77,7 +77,7 @@ class ServingLLM(BaseLLM):
     tokenizer: str | None = None
     """Tokenizer directory for counting tokens (default: the registry model's)."""
     api_key: SecretStr | None = Field(default_factory=secret_from_env("OPENAI_API_KEY", default=None))
-    """API key sent as a bearer token to a vLLM server (default: ``OPENAI_API_KEY``); never logged."""
+    """Bearer token for URL servers (default: ``OPENAI_API_KEY``; the managed engine only if its flags ask for one)."""
     gpu_indices: list[int] | None = None
     """GPUs (this machine's indices) that a URL backend's server runs on: only their joules go to calls.
     The managed server knows its own; None for a URL backend leaves every metered GPU attributed."""

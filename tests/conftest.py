@@ -10,7 +10,7 @@ def vllm_server(tmp_path_factory):
     """The embedded vLLM engine (SmolLM2-135M on vLLM's CPU build here), batch size 8, prefix caching on."""
     from langchain_energy.backends.vllm_server import EngineConfig, VLLMServer
 
-    server = VLLMServer(EngineConfig(max_num_seqs=8, max_model_len=4096), log_dir=tmp_path_factory.mktemp("vllm"))
+    server = VLLMServer(EngineConfig(max_num_seqs=8, max_model_len=4096, tool_call_parser="hermes"), log_dir=tmp_path_factory.mktemp("vllm"))
     server.start()
     yield server
     server.stop()

@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chains.harness.knobs import KNOBS, engine_fields, sampling_fields
+from chains.harness.knobs import KNOBS, add_knob_flags, engine_fields, sampling_fields
 from langchain_energy.errors import ConfigError, EnergyError
 from langchain_energy.power import POWER_CAP_MODE_HELP, POWER_CAP_MODES, PowerCap
 
 if TYPE_CHECKING:
-    from chains.harness.trial import RunSettings
+    from chains.harness.settings import RunSettings
 
 WORKLOAD_HELP = {
     "summarize": "document chain summarization (refine over token chunks, 2-40 sequential calls per document)",
@@ -34,7 +34,7 @@ WORKLOAD_HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments, each knob explained in one line."""
-    from chains.harness.trial import WORKLOADS
+    from chains.harness.settings import WORKLOADS
 
     p = argparse.ArgumentParser(
         prog="python -m chains.run",
@@ -45,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("workload", choices=WORKLOADS, metavar="workload", help="one of: " + ", ".join(WORKLOADS))
     k = p.add_argument_group("knobs (each also sweepable: python -m chains.run sweep --knob NAME=V1,V2)")
-    for spec in KNOBS.values():
-        switch = {"nargs": "?", "const": "on"} if spec.is_switch else {}
-        k.add_argument(f"--{spec.name}", dest=spec.field, default=None, metavar="VALUE", help=spec.help, **switch)
+    add_knob_flags(k, KNOBS.values())
     k.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_const", const="off",
                    help="the same as --prefix-caching off")
     g = p.add_argument_group("serving")
@@ -89,7 +87,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     Raises:
         ConfigError: a value a knob or a setting refuses, or a backend without the URL it needs.
     """
-    from chains.harness.trial import RunSettings, validate
+    from chains.harness.settings import RunSettings, validate
 
     idle: Any = args.idle_power
     if idle is not None and idle not in ("measure", "model"):
@@ -156,7 +154,8 @@ def _make_llm(settings, server):
 def run_command(args: argparse.Namespace) -> int:
     """Validate, prepare inputs, start the engine, run the trials, write the results."""
     from chains.harness.session import output_dir, print_session, run_session, write_session
-    from chains.harness.trial import describe_inputs, prepare_inputs, run_trial
+    from chains.harness.inputs import describe_inputs, prepare_inputs
+    from chains.harness.trial import run_trial
 
     settings = settings_from_args(args)
     # Everything that can fail on bad input happens here, before any engine starts.

@@ -14,7 +14,7 @@ from typing import Any
 
 from chains.harness.knobs import KNOBS, engine_fields, knob_values
 from chains.harness.sweep import SweepConfig
-from chains.harness.trial import WORKLOADS
+from chains.harness.settings import WORKLOADS, RunSettings, validate
 from langchain_energy.errors import ConfigError, EnergyError
 
 DEFAULT_USERS = 4  # a user's target with no users knob: inputs in flight at once
@@ -70,8 +70,6 @@ class EngineTrialRunner:
     @staticmethod
     def defaults() -> dict[str, Any]:
         """Run-settings defaults of the workloads' RunSettings."""
-        from chains.harness.trial import RunSettings
-
         out = {}
         for f in dataclasses.fields(RunSettings):
             if f.default is not dataclasses.MISSING:
@@ -125,8 +123,6 @@ class EngineTrialRunner:
             stack.stop()
 
     def _settings(self, config: SweepConfig, repeat: int) -> Any:
-        from chains.harness.trial import RunSettings
-
         names = {f.name for f in dataclasses.fields(RunSettings)}
         unknown = sorted(set(config.settings) - names - {"workload"})
         if unknown:
@@ -146,8 +142,6 @@ class EngineTrialRunner:
         Raises:
             ConfigError: an unknown setting, a value the workload refuses, or a bad engine argument.
         """
-        from chains.harness.trial import validate
-
         for config in configs:
             if self._is_target(config):
                 self._check_target(config)

@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -186,6 +186,17 @@ def parse_knob(arg: str) -> tuple[str, list[Any]]:
         if value not in values:
             values.append(value)
     return name, values
+
+
+def add_knob_flags(group: Any, knobs: Iterable[Knob], help_for: Mapping[str, str] | None = None) -> None:
+    """A ``--NAME VALUE`` flag for each knob (an on/off knob alone means on), stored under its field.
+
+    The flags keep text: :meth:`Knob.coerce` types it later, so a bad value is a one-line error, not a usage dump.
+    """
+    for k in knobs:
+        switch = {"nargs": "?", "const": "on"} if k.is_switch else {}
+        group.add_argument(f"--{k.name}", dest=k.field, default=None, metavar="VALUE",
+                           help=(help_for or {}).get(k.name, k.help), **switch)
 
 
 def knob_values(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,8 +26,8 @@ from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
 
-from chains.harness.knobs import KNOBS, engine_fields, sampling_fields
-from chains.harness.target import as_runnable, load_target, locate_target
+from chains.harness.knobs import KNOBS, add_knob_flags, engine_fields, sampling_fields
+from chains.harness.target import as_runnable, first_line, load_target, locate_target
 from chains.harness.user_inputs import load_inputs
 from chains.workloads.llm_utils import ainvoke_many
 from langchain_energy.errors import ConfigError, DataError, EnergyError
@@ -51,11 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default=None, help="use this running vLLM server (ends in /v1) instead of one")
     p.add_argument("--max-model-len", type=int, default=None, help="engine context window in tokens")
     k = p.add_argument_group("knobs")
-    for spec in MEASURE_KNOBS:
-        switch = {"nargs": "?", "const": "on"} if spec.is_switch else {}
-        help_text = "max tokens per call of the chat model given to a factory" if spec.name == "output-len" \
-            else spec.help
-        k.add_argument(f"--{spec.name}", dest=spec.field, default=None, metavar="VALUE", help=help_text, **switch)
+    add_knob_flags(k, MEASURE_KNOBS, {"output-len": "max tokens per call of the chat model given to a factory"})
     k.add_argument("--power-cap-mode", choices=POWER_CAP_MODES, default="dry-run", help=POWER_CAP_MODE_HELP)
     p.add_argument("--repeats", type=int, default=1, help="trials to run (prefix cache reset between them)")
     p.add_argument("--seed", type=int, default=0, help="sampling and engine seed (default 0)")
@@ -96,11 +92,6 @@ def restore_env(old: dict[str, str | None]) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 class UserWorkflow:
@@ -158,7 +149,7 @@ class UserWorkflow:
         except EnergyError:
             raise
         except Exception as exc:  # noqa: BLE001 - the user's workflow failed: say so in one line
-            raise DataError(f"target {self.target!r} failed on its inputs: {_first_line(exc)}") from None
+            raise DataError(f"target {self.target!r} failed on its inputs: {first_line(exc)}") from None
         result.meta.update(inputs=len(self.inputs), target=self.target, served_by=dict(self.served_by))
         return result
 

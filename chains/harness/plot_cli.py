@@ -14,16 +14,12 @@ import pandas as pd
 
 from chains.harness.plots import render_all
 from chains.harness.store import ResultStore
+from chains.harness.tables import shown_columns
 from langchain_energy.errors import EnergyError
 
 TABLE_COLUMNS = ["workload", "backend", "knob", "value", "status", "n", "latency_s_mean", "latency_s_ci",
                  "throughput_tok_s_mean", "energy_j_mean", "energy_j_ci", "energy_per_token_j_mean",
                  "cache_hit_rate_mean", "power_cap_w", "power_cap_mode", "provenance", "reason"]
-
-
-def _shown(agg: pd.DataFrame, column: str) -> bool:
-    """Power-cap columns only where a cap was recorded (with whether it was applied); the rest always."""
-    return not column.startswith("power_cap") or bool(agg[column].notna().any())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.csv:
         agg.to_csv(args.csv, index=False)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
-        print(agg[[c for c in TABLE_COLUMNS if c in agg and _shown(agg, c)]].to_string(index=False))
+        print(agg[shown_columns(agg, TABLE_COLUMNS)].to_string(index=False))
     for name, where in figures.items():
         print(f"{name}: {where}")
     return 0

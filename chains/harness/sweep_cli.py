@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None, runner_factory: Callable[..., TrialR
     """Entry point of ``python -m chains.run sweep``; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        from chains.harness.trial import WORKLOADS
+        from chains.harness.settings import WORKLOADS
 
         spec = spec_from_args(args, WORKLOADS)
         store = ResultStore(args.out)
@@ -148,6 +148,8 @@ def main(argv: Sequence[str] | None = None, runner_factory: Callable[..., TrialR
         return 2
     print(f"{outcome.ran} trial(s) run, {outcome.skipped} already in {args.out}, "
           f"{len(outcome.infeasible)} infeasible configuration(s)")
+    if any(k == "power-cap" for k in (*spec.knobs, *spec.across)) and cap.mode != "applied":
+        print(f"power caps: {cap.mode}, NOT applied to a real GPU (the store records them so)")
     return 0
 
 

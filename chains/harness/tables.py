@@ -185,6 +185,11 @@ def timeline_frame(samples: Any, t_start: float, t_end: float, provenance: str =
     return pd.DataFrame(rows)
 
 
+def shown_columns(table: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    """The ``columns`` a printed table shows: those it has; power-cap ones only where a cap was recorded."""
+    return [c for c in columns if c in table and (not c.startswith("power_cap") or bool(table[c].notna().any()))]
+
+
 def numeric_value(value: Any) -> float:
     """A knob value as a number for plotting axes (NaN when it is not numeric, e.g. a backend name)."""
     try:

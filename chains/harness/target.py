@@ -29,7 +29,8 @@ from langchain_core.runnables import Runnable
 from langchain_energy.errors import ConfigError
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """``Type: the first line of the message``: an error of the user's code, fit for a one-line report."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
@@ -39,7 +40,7 @@ def _from_langgraph_json(name: str, config: Path) -> str:
     try:
         graphs = json.loads(config.read_text()).get("graphs", {})
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read {config}: {_first_line(exc)}") from None
+        raise ConfigError(f"cannot read {config}: {first_line(exc)}") from None
     if name not in graphs:
         raise ConfigError(f"target {name!r} is not a graph of {config} (it has: {', '.join(graphs) or 'none'})")
     path, sep, attr = str(graphs[name]).partition(":")
@@ -59,7 +60,7 @@ def _load_file(path: Path, attr: str, spec: str) -> Any:
         loader.loader.exec_module(module)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's module is a bad target
         sys.modules.pop(module_name, None)
-        raise ConfigError(f"cannot import target {spec!r}: {_first_line(exc)}") from None
+        raise ConfigError(f"cannot import target {spec!r}: {first_line(exc)}") from None
     finally:
         if folder in sys.path:
             sys.path.remove(folder)
@@ -101,7 +102,7 @@ def locate_target(spec: str, config: str | Path | None = None) -> str:
     try:
         found = importlib.util.find_spec(where)
     except (ImportError, ValueError) as exc:
-        raise ConfigError(f"cannot import target {spec!r}: {_first_line(exc)}") from None
+        raise ConfigError(f"cannot import target {spec!r}: {first_line(exc)}") from None
     if found is None:
         raise ConfigError(f"cannot import target {spec!r}: no module named {where!r}")
     return spec
@@ -128,7 +129,7 @@ def load_target(spec: str, config: str | Path | None = None) -> Any:
     try:
         module = importlib.import_module(where)
     except Exception as exc:  # noqa: BLE001 - ImportError, or any error the module raises while loading
-        raise ConfigError(f"cannot import target {spec!r}: {_first_line(exc)}") from None
+        raise ConfigError(f"cannot import target {spec!r}: {first_line(exc)}") from None
     return _attribute(module, attr, spec)
 
 
@@ -149,7 +150,7 @@ def as_runnable(obj: Any, model: Callable[[], Any], name: str) -> Runnable:
         try:
             built = obj(model())
         except Exception as exc:  # noqa: BLE001 - the user's factory failed
-            raise ConfigError(f"target {name!r}: the factory failed: {_first_line(exc)}") from None
+            raise ConfigError(f"target {name!r}: the factory failed: {first_line(exc)}") from None
         if isinstance(built, Runnable):
             return built
         raise ConfigError(f"target {name!r}: the factory returned {type(built).__name__}, not a runnable")

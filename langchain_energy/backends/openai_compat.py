@@ -187,10 +187,13 @@ class OpenAICompatBackend:
 
     async def acomplete(self, prompt: str, params: SamplingParams, **request: object) -> Completion:
         """Generate one completion (`request`: ``messages``, ``extra``, ``model`` as in `request_body`)."""
+        completion = None
         async for event in self.astream(prompt, params, **request):
-            if event.completion is not None:
-                return event.completion
-        raise BackendError("the stream ended without a completion")  # pragma: no cover - astream always yields one
+            # Run the generator to its end: leaving it early costs a finalizer round trip through the loop.
+            completion = event.completion or completion
+        if completion is None:  # pragma: no cover - astream always yields one
+            raise BackendError("the stream ended without a completion")
+        return completion
 
     def _stream_error(self, error: object) -> Exception:
         """An error event sent inside a stream, as the same error types as an HTTP error status."""

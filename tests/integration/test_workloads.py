@@ -11,7 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from chains.harness.trial import RunSettings, prepare_inputs, run_trial
+from chains.harness.inputs import prepare_inputs
+from chains.harness.settings import RunSettings
+from chains.harness.trial import run_trial
 
 pytestmark = pytest.mark.engine
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from chains.harness.knobs import KNOBS, engine_fields, knob_values, parse_knob, sampling_fields
-from chains.harness.trial import RunSettings
+from chains.harness.settings import RunSettings
 from langchain_energy.backends.vllm_server import EngineConfig
 from langchain_energy.errors import ConfigError
 from langchain_energy.llms import ServingLLM

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from chains.harness.study import LLAMA2_7B_SHAPE_PARAMS, roofline
+from chains.harness.roofline import LLAMA2_7B_SHAPE_PARAMS, roofline
 
 FACTS = {"bandwidth_bytes_s": 3.35e12, "power_limit_w": 700.0}
 

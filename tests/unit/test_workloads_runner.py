@@ -7,7 +7,9 @@ import dataclasses
 import pytest
 from langchain_core.language_models.fake import FakeListLLM
 
-from chains.harness.trial import WORKLOADS, RunSettings, TrialResult, prepare_inputs, resolve, run_trial, validate
+from chains.harness.inputs import prepare_inputs
+from chains.harness.settings import WORKLOADS, resolve, RunSettings, validate
+from chains.harness.trial import run_trial, TrialResult
 from langchain_energy.errors import ConfigError, ContextLengthError, DataError
 from tests.unit._workload_helpers import words
 
