@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from langchain_core.prompts import PromptTemplate
 from langchain_core.runnables import RunnableLambda
 
@@ -41,6 +40,7 @@ from langchain_energy.callbacks import EnergyCallbackHandler
 from langchain_energy.errors import EnergyError
 from langchain_energy.ledger import CALL_KINDS
 from langchain_energy.llms import ServingLLM
+from chains.harness.overhead import replay_sessions
 from chains.harness.store import write_json_atomic
 from langchain_energy.timeline import shared_timeline
 
@@ -152,23 +152,6 @@ def batch(llm: ServingLLM, win: Windows, rehearse: bool, n: int, n_in: int, n_ou
             "received_j": received, "window_j": window, "ratio": received / window if window else None}
 
 
-async def _raw_sessions(sessions: list[list[str]], base_url: str, model: str, n_out: int) -> int:
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=256)) as client:
-        async def one(prompts: list[str]) -> int:
-            tokens = 0
-            for p in prompts:
-                body = {"model": model, "messages": [{"role": "user", "content": p}], "max_tokens": n_out,
-                        "temperature": 0.7, "top_p": 1.0, "ignore_eos": True, "stream": True,
-                        "stream_options": {"include_usage": True}}
-                async with client.stream("POST", base_url + "/chat/completions", json=body) as response:
-                    async for line in response.aiter_lines():
-                        if '"usage"' in line and '"completion_tokens"' in line:
-                            tokens += json.loads(line[5:])["usage"]["completion_tokens"]
-            return tokens
-
-        return sum(await asyncio.gather(*(one(s) for s in sessions)))
-
-
 async def _chain_sessions(sessions: list[list[str]], llm: ServingLLM, handler: EnergyCallbackHandler,
                           n_out: int) -> None:
     chain = PromptTemplate.from_template("{question}") | llm.bind(max_tokens=n_out)
@@ -208,7 +191,8 @@ def overhead(llm: ServingLLM, server: VLLMServer, win: Windows, pairs: int, n_se
             else:
                 win.begin("raw")
                 t0 = time.perf_counter()
-                asyncio.run(_raw_sessions(sessions, server.base_url, server.served_model_name, n_out))
+                calls = [[{"prompt": p, "max_tokens": n_out} for p in s] for s in sessions]
+                asyncio.run(replay_sessions(calls, server.base_url, server.served_model_name))
                 t1 = time.perf_counter()
                 row["raw_energy_j"] = win.end("raw")
             row[f"{path}_latency_s"] = t1 - t0

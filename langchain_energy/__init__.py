@@ -11,6 +11,7 @@ from langchain_energy.llms import ServingLLM
 from langchain_energy.middleware import EnergyBudgetMiddleware
 from langchain_energy.meters import EstimatedMeter, PowerModel, ReplayMeter, ZeusMeter, auto_meter
 from langchain_energy.models import ModelSpec, resolve_model
+from langchain_energy.scheduling import WorkflowScheduler
 from langchain_energy.timeline import Timeline
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Span",
     "Timeline",
     "VLLMServer",
+    "WorkflowScheduler",
     "ZeusMeter",
     "attribute",
     "auto_meter",

@@ -60,7 +60,8 @@ def group_provenance(provenance: Mapping[str, str]) -> dict[str, str]:
             labels[group][prov].append(f"{group}{device}")
     out = {}
     for g, by_label in labels.items():
-        parts = [f"{p}@{'+'.join(sorted(d))}" if d else p for p, d in sorted(by_label.items())]
+        # A label that already names its device (zeusd's ``measured:zeusd@node:gpu0``) is kept as it is.
+        parts = [f"{p}@{'+'.join(sorted(d))}" if d and "@" not in p else p for p, d in sorted(by_label.items())]
         out[g] = "+".join(parts) if parts else UNAVAILABLE
     return out
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
+from uuid import UUID
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseLLM
@@ -22,6 +24,7 @@ from langchain_energy.backends.openai_compat import OpenAICompatBackend
 from langchain_energy.backends.vllm_server import EngineConfig, VLLMServer, shared_server
 from langchain_energy.errors import ConfigError, EnergyError
 from langchain_energy.models import DEFAULT_MODEL, load_tokenizer, resolve_model
+from langchain_energy.scheduling import WorkflowScheduler
 
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "ignore_eos", "seed", "priority")
 
@@ -85,6 +88,12 @@ class ServingLLM(BaseLLM):
     """Seconds to wait for a connection before calling the server unreachable."""
     request_timeout_s: float = Field(default=600.0, gt=0)
     """Seconds one request may take in all."""
+    scheduler: WorkflowScheduler | None = None
+    """A `WorkflowScheduler` (also in the runs' callbacks): each call waits at its gate, if any, and is sent
+    with its priority (which replaces ``priority``, except under ``fcfs``). LangChain hands ``_generate`` the
+    run of a batch's first prompt only, so every prompt of one ``generate``/``batch`` call of this LLM is
+    scheduled as that first run (same priority and workflow; each still takes its own slot at the gate);
+    batches of chains or graphs are unaffected: there each call is its own run."""
 
     _backend: Backend | None = PrivateAttr(default=None)
     _server: VLLMServer | None = PrivateAttr(default=None)
@@ -178,10 +187,15 @@ class ServingLLM(BaseLLM):
         return LLMResult(generations=generations, llm_output={"token_usage": usage, "model_name": model})
 
     async def _complete_all(self, prompts: list[str], params: SamplingParams, backend: Backend,
-                            t_enter: float, engine_start_s: float) -> list[Completion]:
+                            t_enter: float, engine_start_s: float, run_id: UUID | None = None) -> list[Completion]:
         async def one(prompt: str) -> Completion:
-            sent_after = time.monotonic() - t_enter
-            completion = await backend.acomplete(prompt, params)
+            if self.scheduler is None or run_id is None:
+                sent_after = time.monotonic() - t_enter
+                completion = await backend.acomplete(prompt, params)
+            else:
+                async with self.scheduler.admitted(run_id) as priority:
+                    sent_after = time.monotonic() - t_enter   # after the gate: the wait there is not the call's
+                    completion = await backend.acomplete(prompt, _with_priority(params, priority))
             # Each call's own edges, so a meter can end each prompt of a batch at its own end.
             completion.extra["sent_after_s"] = sent_after
             if engine_start_s > 0:
@@ -207,7 +221,7 @@ class ServingLLM(BaseLLM):
         was_started = self._backend is not None
         backend = self.get_backend()
         engine_s = self._engine_start_s(t_enter, was_started)
-        completions = run_sync(self._complete_all(prompts, params, backend, t_enter, engine_s))
+        completions = run_sync(self._complete_all(prompts, params, backend, t_enter, engine_s, _run_id(run_manager)))
         return self._result(completions, backend.model_name)
 
     async def _agenerate(
@@ -222,7 +236,7 @@ class ServingLLM(BaseLLM):
         was_started = self._backend is not None
         backend = await self._aget_backend()
         engine_s = self._engine_start_s(t_enter, was_started)
-        completions = await self._complete_all(prompts, params, backend, t_enter, engine_s)
+        completions = await self._complete_all(prompts, params, backend, t_enter, engine_s, _run_id(run_manager))
         return self._result(completions, backend.model_name)
 
     def _stream(
@@ -233,7 +247,7 @@ class ServingLLM(BaseLLM):
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
         params = self._sampling(stop, **kwargs)
-        for event in iterate_sync(self.get_backend().astream(prompt, params)):
+        for event in iterate_sync(self._scheduled_stream(self.get_backend(), prompt, params, _run_id(run_manager))):
             chunk = _chunk(event)
             if run_manager and chunk.text:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -248,15 +262,34 @@ class ServingLLM(BaseLLM):
     ) -> AsyncIterator[GenerationChunk]:
         params = self._sampling(stop, **kwargs)
         backend = await self._aget_backend()
-        async for event in backend.astream(prompt, params):
+        async for event in self._scheduled_stream(backend, prompt, params, _run_id(run_manager)):
             chunk = _chunk(event)
             if run_manager and chunk.text:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
+    async def _scheduled_stream(self, backend: Backend, prompt: str, params: SamplingParams,
+                                run_id: UUID | None) -> AsyncIterator[Any]:
+        # The gate's slot is held from the first byte sent to the last event (or until the consumer stops).
+        if self.scheduler is None or run_id is None:
+            async for event in backend.astream(prompt, params):
+                yield event
+            return
+        async with self.scheduler.admitted(run_id) as priority:
+            async for event in backend.astream(prompt, _with_priority(params, priority)):
+                yield event
+
 
 #: Below this, getting the backend was a lookup, not an engine start.
 _ENGINE_START_MIN_S = 0.5
+
+
+def _run_id(run_manager: Any) -> UUID | None:
+    return getattr(run_manager, "run_id", None)
+
+
+def _with_priority(params: SamplingParams, priority: int | None) -> SamplingParams:
+    return params if priority is None else dataclasses.replace(params, priority=priority)
 
 
 def _chunk(event) -> GenerationChunk:

@@ -1,4 +1,5 @@
-"""Where joules come from: Zeus counters (NVML, RAPL), a labelled estimate, and a replay double for tests."""
+"""Where joules come from: Zeus counters (NVML, RAPL), remote nodes' zeusd streams, a labelled estimate, and a replay
+double for tests."""
 
 from langchain_energy.meters.base import (
     COMPONENTS,
@@ -15,6 +16,7 @@ from langchain_energy.meters.estimated import CPU_SCOPES, CpuScope, EstimatedMet
 from langchain_energy.meters.replay import PowerTrace, ReplayMeter
 from langchain_energy.meters.served import forget_served_gpus, serve_on_gpus, served_gpus
 from langchain_energy.meters.zeus_meter import ZeusMeter
+from langchain_energy.meters.zeusd import ZeusdGap, ZeusdMeter, parse_zeusd_url
 
 __all__ = [
     "COMPONENTS",
@@ -33,9 +35,12 @@ __all__ = [
     "Reading",
     "ReplayMeter",
     "ZeusMeter",
+    "ZeusdGap",
+    "ZeusdMeter",
     "auto_meter",
     "forget_served_gpus",
     "serve_on_gpus",
     "served_gpus",
     "component_group",
+    "parse_zeusd_url",
 ]

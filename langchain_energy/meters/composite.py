@@ -18,6 +18,7 @@ from langchain_energy.meters.base import (
 )
 from langchain_energy.meters.estimated import CpuScope, EstimatedMeter, PowerModel
 from langchain_energy.meters.zeus_meter import ZeusMeter
+from langchain_energy.meters.zeusd import ZeusdMeter
 
 Source = Literal["auto", "zeus", "estimated", "off"]
 _SOURCES = ("auto", "zeus", "estimated", "off")
@@ -129,6 +130,7 @@ def auto_meter(
     zeus_meter: ZeusMeter | None = None,
     cpu_scope: CpuScope = "process-tree",
     process_tree_roots: Sequence[int] = (),
+    zeusd: Sequence[str] | Mapping[str, str] | ZeusdMeter | None = None,
 ) -> CompositeMeter:
     """Build the best meter this machine allows, per component, or the sources the user forces.
 
@@ -151,6 +153,10 @@ def auto_meter(
         cpu_scope: whose CPU time drives an estimated CPU figure: ``"process-tree"`` (this process, its
             descendants and `process_tree_roots`) or ``"machine"``; see `EstimatedMeter`.
         process_tree_roots: more PIDs whose process trees count in a ``"process-tree"`` estimate.
+        zeusd: the engine runs on other machines: their ``zeusd`` addresses (see `ZeusdMeter.from_urls`; a
+            ``{name: url}`` mapping names the nodes) or a `ZeusdMeter`. GPUs then come from those nodes only
+            (`gpu_indices` are the nodes' indices), and so do CPU and DRAM where the daemons stream them;
+            this machine fills in only the groups they lack.
 
     Example:
         >>> meter = auto_meter(cpu="estimated", dram="off", gpu="off")
@@ -162,6 +168,10 @@ def auto_meter(
             raise ConfigError(f"meter source for {name} must be one of {_SOURCES}, got {src!r}")
     if gpu == "estimated":
         raise ConfigError("GPU energy cannot be estimated here; use gpu='zeus', 'auto' or 'off'")
+    if zeusd is not None:
+        return _remote_meter(zeusd, cpu=cpu, dram=dram, gpu=gpu, power_model=power_model, gpu_indices=gpu_indices,
+                             clock=clock, zeus_meter=zeus_meter, cpu_scope=cpu_scope,
+                             process_tree_roots=process_tree_roots)
     wants_zeus = {"cpu": cpu in ("auto", "zeus"), "dram": dram in ("auto", "zeus"), "gpu": gpu in ("auto", "zeus")}
     zm: ZeusMeter | None = zeus_meter
     if zm is None and (wants_zeus["gpu"] or wants_zeus["cpu"] or wants_zeus["dram"]):
@@ -203,12 +213,55 @@ def auto_meter(
     return CompositeMeter(meters, clock=clock)
 
 
+def _remote_meter(
+    zeusd: Sequence[str] | Mapping[str, str] | ZeusdMeter,
+    *,
+    cpu: Source,
+    dram: Source,
+    gpu: Source,
+    power_model: PowerModel | None,
+    gpu_indices: Sequence[int] | None,
+    clock: Clock,
+    zeus_meter: ZeusMeter | None,
+    cpu_scope: CpuScope,
+    process_tree_roots: Sequence[int],
+) -> CompositeMeter:
+    """`auto_meter` for an engine on zeusd nodes: their components first, this machine's for the rest."""
+    sources = {"cpu": cpu, "dram": dram, "gpu": gpu}
+    if isinstance(zeusd, ZeusdMeter):
+        if gpu_indices is not None:
+            raise ConfigError("gpu_indices cannot narrow an existing ZeusdMeter; pass them to ZeusdMeter.from_urls")
+        remote = zeusd
+    else:
+        remote = ZeusdMeter.from_urls(zeusd, gpu_indices=gpu_indices, cpu=cpu in ("auto", "zeus") or
+                                      dram in ("auto", "zeus"), clock=clock)
+    keep = {k: p for k, p in remote.components().items() if sources[component_group(k)] in ("auto", "zeus")}
+    have = {component_group(k) for k in keep}
+    if gpu == "zeus" and "gpu" not in have:
+        remote.close()
+        raise MeterError("gpu energy was forced to come from zeusd, but its nodes stream no GPU; "
+                         "use gpu='auto' or 'off'")
+    try:
+        local = auto_meter(
+            cpu="off" if "cpu" in have else cpu, dram="off" if "dram" in have else dram, gpu="off",
+            power_model=power_model, clock=clock, zeus_meter=zeus_meter, cpu_scope=cpu_scope,
+            process_tree_roots=process_tree_roots,
+        )
+    except Exception:
+        remote.close()  # its streaming threads must not outlive a failed construction
+        raise
+    members: list[Meter] = [_Subset(remote, keep)] if keep else []
+    return CompositeMeter(members + local.meters, clock=clock)
+
+
 class _Subset:
     """A view of a meter restricted to some of its components (and their GPUs' power and utilization)."""
 
     def __init__(self, meter: Meter, keep: Mapping[str, str]) -> None:
         self.meter, self.keep, self.clock = meter, dict(keep), meter.clock
-        self.gpus = sorted(int(k.split(":", 1)[1]) for k in self.keep if component_group(k) == "gpu")
+        # Node-qualified GPU keys (``gpu:<node>_<i>``) have no per-index power or utilization to filter.
+        self.gpus = sorted(int(k.split(":", 1)[1]) for k in self.keep
+                           if component_group(k) == "gpu" and k.split(":", 1)[1].isdigit())
 
     def components(self) -> dict[str, str]:
         return dict(self.keep)

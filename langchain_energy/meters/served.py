@@ -50,4 +50,6 @@ def is_attributed(component: str, served: frozenset[int] | None) -> bool:
     """
     if served is None or not component.startswith("gpu:"):
         return True
-    return int(component.split(":", 1)[1]) in served
+    suffix = component.split(":", 1)[1]
+    # Only this machine's GPUs (plain indices) are registered; a remote node's qualified keys stay attributed.
+    return not suffix.isdigit() or int(suffix) in served

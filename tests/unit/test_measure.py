@@ -192,3 +192,16 @@ def test_sweep_refuses_an_unknown_workload_without_inputs_and_a_missing_target(a
     assert sweep_cli.main(["--workload", "qa", "--inputs", "missing.jsonl", *base, "--out", "c"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not any((app / d).exists() for d in "abc")
+
+
+def test_the_shipped_example_app_is_a_factory_target_of_two_nodes():
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    from chains.harness.target import as_runnable
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[2] / "examples" / "two_node_app"
+    model = FakeListChatModel(responses=["a draft", "an answer"])
+    graph = as_runnable(load_target(f"{root}/graph.py:make_graph"), lambda: model, "example")
+    inputs = load_inputs(root / "questions.jsonl")
+    assert len(inputs) >= 4
+    assert graph.invoke(inputs[0]) == {**inputs[0], "draft": "a draft", "answer": "an answer"}

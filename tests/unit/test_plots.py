@@ -189,3 +189,15 @@ def test_fig6_prefers_gpu_then_cpu_utilization_then_power(tmp_path, trials, labe
         assert timeline["gpu_util"].isna().all()
         assert fig.axes[0].get_lines()[0].get_ydata() == pytest.approx(60.0)  # percent, not rescaled
     assert plots.render_all(tmp_path)["fig6_utilization"].endswith(".png")
+
+
+def test_a_power_cap_that_was_not_applied_says_so_on_the_axis_and_in_the_table(store, capsys):
+    # the store's power-cap trials carry no mode: nothing says they were applied, so they read as dry-run
+    agg = store.aggregate()
+    assert set(agg.loc[agg["knob"] == "power-cap", "power_cap_mode"]) == {"dry-run"}
+    fig = plots.fig_knob_effects(agg, workload="search")
+    labels = [ax.get_xlabel() for ax in fig.axes]
+    assert any("GPU power cap" in lab and "NOT applied: dry-run" in lab for lab in labels)
+    assert not any("Batch size" in lab and "NOT applied" in lab for lab in labels)
+    assert plot_main([str(store.path), "--out", str(store.path / "f")]) == 0
+    assert "power_cap_mode" in capsys.readouterr().out

@@ -1,0 +1,112 @@
+"""The workflow scheduler on the real embedded vLLM engine (the session's one engine, priority scheduling)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+from uuid import UUID
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.runnables import RunnableLambda, RunnableParallel
+
+from langchain_energy.llms import ServingLLM
+from langchain_energy.scheduling import WorkflowScheduler
+
+pytestmark = pytest.mark.engine
+
+
+class CallClock(BaseCallbackHandler):
+    """Records when each LLM call of each tagged workflow ends (a real handler beside the scheduler)."""
+
+    def __init__(self) -> None:
+        self.ends: dict[str, list[float]] = {}
+
+    def on_llm_end(self, response: Any, *, run_id: UUID, tags: list[str] | None = None, **kwargs: Any) -> None:
+        name = next(t for t in tags or [] if t.startswith("wf-"))
+        self.ends.setdefault(name, []).append(time.monotonic())
+
+
+def _three_calls(llm: ServingLLM):
+    """A sequential workflow of three LLM calls, each fed by the previous answer."""
+    step = RunnableLambda(lambda text: f"Continue this in one sentence: {text[-200:]}")
+    return llm | step | llm | step | llm
+
+
+async def _two_workflows(llm: ServingLLM, scheduler: WorkflowScheduler) -> CallClock:
+    clock = CallClock()
+    workflow = _three_calls(llm)
+
+    async def one(name: str) -> str:
+        return await workflow.ainvoke(f"Write about {name}.", config={"callbacks": [scheduler, clock], "tags": [name]})
+
+    first = asyncio.ensure_future(one("wf-a"))
+    await asyncio.sleep(0.05)   # A's root run starts first; both are in flight together from then on
+    await asyncio.gather(first, one("wf-b"))
+    return clock
+
+
+@pytest.mark.parametrize("policy", ["workflow-fcfs", "fcfs"])
+def test_two_workflows_finish_in_order_under_workflow_fcfs_and_interleave_under_fcfs(vllm_server, policy):
+    # One slot at the gate: the order of admission is the whole story.
+    scheduler = WorkflowScheduler(policy, max_in_flight=1, handoff_s=1.0)
+    llm = ServingLLM.from_server(vllm_server, max_tokens=12, ignore_eos=True, seed=0, scheduler=scheduler)
+    ends = asyncio.run(_two_workflows(llm, scheduler)).ends
+    a, b = ends["wf-a"], ends["wf-b"]
+    assert len(a) == len(b) == 3
+    if policy == "workflow-fcfs":
+        assert max(a) < min(b)          # A's last call ends before B's first: one after the other
+    else:
+        assert min(b) < max(a)          # B's calls run between A's
+    assert scheduler.in_flight == 0 and scheduler.waiting == 0 and scheduler.open_runs == 0
+
+
+def _fan_out(llm: ServingLLM, width: int):
+    return RunnableParallel({f"call{i}": llm for i in range(width)})
+
+
+@pytest.mark.parametrize("policy", ["workflow-fcfs", "fcfs"])
+def test_the_engine_serves_an_older_workflow_first_from_the_priority_alone(vllm_server, policy):
+    # No gate: the order comes from vLLM's priority queue. A blocker workflow fills the engine's 8 slots; then
+    # B's eight calls arrive before A's, although A's workflow started first. Under workflow-fcfs the engine
+    # serves A's waiting calls first; under fcfs, B's, which came first.
+    width = vllm_server.config.max_num_seqs
+    scheduler = WorkflowScheduler(policy)
+    llm = ServingLLM.from_server(vllm_server, max_tokens=16, ignore_eos=True, seed=0, scheduler=scheduler)
+    blocker_llm = ServingLLM.from_server(vllm_server, max_tokens=48, ignore_eos=True, seed=0, scheduler=scheduler)
+    clock = CallClock()
+
+    async def run() -> None:
+        def cfg(name: str) -> dict:
+            return {"callbacks": [scheduler, clock], "tags": [name]}
+
+        blocker = asyncio.ensure_future(_fan_out(blocker_llm, width).ainvoke("Describe a river.", config=cfg("wf-0")))
+        await asyncio.sleep(0.3)
+
+        async def late_a(text: str) -> dict:
+            await asyncio.sleep(0.3)   # A's root started before B's, but its calls reach the engine after B's
+            return await _fan_out(llm, width).ainvoke(text)
+
+        a = asyncio.ensure_future(RunnableLambda(late_a).ainvoke("Describe a lake.", config=cfg("wf-a")))
+        await asyncio.sleep(0.05)
+        b = asyncio.ensure_future(_fan_out(llm, width).ainvoke("Describe a hill.", config=cfg("wf-b")))
+        await asyncio.gather(blocker, a, b)
+
+    asyncio.run(run())
+    a, b = clock.ends["wf-a"], clock.ends["wf-b"]
+    assert len(a) == len(b) == width
+    if policy == "workflow-fcfs":
+        assert max(a) < min(b)
+    else:
+        assert max(b) < min(a)
+
+
+def test_streaming_and_sync_calls_go_through_the_gate(vllm_server):
+    scheduler = WorkflowScheduler("workflow-fcfs", max_in_flight=1)
+    llm = ServingLLM.from_server(vllm_server, max_tokens=8, ignore_eos=True, seed=0, scheduler=scheduler)
+    with scheduler:
+        chunks = list(llm.stream("Count to five."))
+        text = llm.invoke("Name a colour.")
+    assert "".join(chunks).strip() and text.strip()
+    assert scheduler.in_flight == 0 and scheduler.open_runs == 0 and scheduler.workflows_finished == 2
