@@ -191,8 +191,8 @@ def overhead(llm: ServingLLM, server: VLLMServer, win: Windows, pairs: int, n_se
             else:
                 win.begin("raw")
                 t0 = time.perf_counter()
-                calls = [[{"prompt": p, "max_tokens": n_out} for p in s] for s in sessions]
-                asyncio.run(replay_sessions(calls, server.base_url, server.served_model_name))
+                requests = [[{"prompt": p, "max_tokens": n_out} for p in s] for s in sessions]
+                asyncio.run(replay_sessions(requests, server.base_url, server.served_model_name))
                 t1 = time.perf_counter()
                 row["raw_energy_j"] = win.end("raw")
             row[f"{path}_latency_s"] = t1 - t0

@@ -8,7 +8,6 @@ from langchain_energy.callbacks import EnergyCallbackHandler, energy_callback
 from langchain_energy.chat_models import ChatServing
 from langchain_energy.errors import EnergyError
 from langchain_energy.llms import ServingLLM
-from langchain_energy.middleware import EnergyBudgetMiddleware
 from langchain_energy.meters import EstimatedMeter, PowerModel, ReplayMeter, ZeusMeter, auto_meter
 from langchain_energy.models import ModelSpec, resolve_model
 from langchain_energy.scheduling import WorkflowScheduler
@@ -39,3 +38,13 @@ __all__ = [
     "energy_callback",
     "resolve_model",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The agent middleware needs the `langchain` package (agents); importing it only when asked keeps the
+    # handler and the models importable where only langchain-core is installed.
+    if name == "EnergyBudgetMiddleware":
+        from langchain_energy.middleware import EnergyBudgetMiddleware
+
+        return EnergyBudgetMiddleware
+    raise AttributeError(f"module 'langchain_energy' has no attribute {name!r}")

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m chains.run",
         description="Run a multi-request LLM workload and measure its latency and energy. "
-        "Other commands: 'measure' (your own runnable or graph), 'sweep' (knob sweeps) and 'plot' (figures); "
+        "Other commands: 'measure' (your own runnable or graph), 'sweep' (knob sweeps), 'tune' (search the knobs for "
+        "the least energy under a latency SLO) and 'plot' (figures); "
         "see 'python -m chains.run measure --help'.",
         epilog="Workloads: " + "; ".join(f"{k}: {v}" for k, v in WORKLOAD_HELP.items()),
     )
@@ -189,10 +190,12 @@ def run_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input, 130 on Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("sweep", "plot", "measure"):
+    if argv and argv[0] in ("sweep", "tune", "plot", "measure"):
         # Imported lazily: each command's module pulls in only what it needs.
         if argv[0] == "sweep":
             from chains.harness.sweep_cli import main as sub_main
+        elif argv[0] == "tune":
+            from chains.harness.tune_cli import main as sub_main
         elif argv[0] == "measure":
             from chains.harness.measure import main as sub_main
         else:

@@ -214,3 +214,20 @@ def sampling_fields(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The sampling parameters that the sampling knobs set in ``settings``."""
     return {k.to: settings[k.field] for k in KNOBS.values()
             if k.target == "sampling" and k.to and settings.get(k.field) is not None}
+
+
+#: The values the tuner (`chains.harness.tuner`) tries for each knob, unless ``--knob NAME=...`` says others.
+#: Knobs missing here are not tuned: input length and temperature change the task, not how it is served.
+#: ``output-len`` and ``users`` change what the user gets, so they are searched only where the user allows
+#: (`TUNE_OPT_IN`); ``power-cap`` only where a cap can be applied; ``backend`` only where Parrot can run.
+TUNE_VALUES: dict[str, tuple[Any, ...]] = {
+    "batch-size": (1, 2, 4, 8, 16, 32, 64),
+    "max-batched-tokens": (2048, 4096, 8192, 16384),
+    "enforce-eager": (True, False),
+    "prefix-caching": (True, False),
+    "output-len": (64, 128, 256, 512),
+    "users": (1, 2, 4, 8, 16),
+    "power-cap": (200, 300, 400, 500, 700),
+    "backend": ("vllm", "parrot"),
+}
+TUNE_OPT_IN: frozenset[str] = frozenset({"output-len", "users"})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 from typing import Any, Protocol
@@ -170,21 +170,49 @@ def run_sweep(
         PowerCapError / PowerCapPermissionError: a power cap cannot be applied.
     """
     configs = plan(spec, defaults or {})
-    caps = sorted({c.settings["power_cap_w"] for c in configs if c.settings.get("power_cap_w") is not None})
     power_cap = power_cap or PowerCap(dry_run=True)
-    power_cap.preflight(caps)  # before the store is created: a sweep that cannot run leaves nothing behind
+    preflight(configs, runner, power_cap)  # before the store is created: a sweep that cannot run leaves nothing
+    store.init(spec)
+    return run_configs(configs, spec.repeats, store, runner, power_cap, progress, deadline)
+
+
+def preflight(configs: Sequence[SweepConfig], runner: TrialRunner, power_cap: PowerCap) -> None:
+    """Check the configurations' power caps (range, privilege) and, where the runner can, their settings.
+
+    Raises:
+        PowerCapError / PowerCapPermissionError: a power cap cannot be applied.
+        ConfigError: a configuration the runner refuses.
+    """
+    caps = sorted({c.settings["power_cap_w"] for c in configs if c.settings.get("power_cap_w") is not None})
+    power_cap.preflight(caps)
     if hasattr(runner, "check"):
         runner.check(configs)
-    store.init(spec)
+
+
+def run_configs(
+    configs: Sequence[SweepConfig],
+    repeats: int,
+    store: ResultStore,
+    runner: TrialRunner,
+    power_cap: PowerCap | None = None,
+    progress: bool = True,
+    deadline: float | None = None,
+) -> SweepOutcome:
+    """Run the ``repeats`` trials of each of ``configs`` that ``store`` (already initialised) lacks.
+
+    What `run_sweep` does after planning; the tuner calls it with the configurations it picks. The runner is
+    closed and the original power limit restored at the end, whatever happens.
+    """
+    power_cap = power_cap or PowerCap(dry_run=True)
     done = store.done_keys()
-    total = len(configs) * spec.repeats
-    outcome = SweepOutcome(skipped=sum(c.key(r) in done for c in configs for r in range(spec.repeats)))
+    total = len(configs) * repeats
+    outcome = SweepOutcome(skipped=sum(c.key(r) in done for c in configs for r in range(repeats)))
     bar = tqdm(total=total, initial=outcome.skipped, desc="trials", unit="trial", disable=not progress)
     pace = _Pace()
     try:
         with power_cap:
             for config in configs:
-                pending = [r for r in range(spec.repeats) if config.key(r) not in done]
+                pending = [r for r in range(repeats) if config.key(r) not in done]
                 if pending and pace.fits(deadline):
                     _run_config(config, pending, store, runner, power_cap, outcome, bar, deadline, pace)
     finally:

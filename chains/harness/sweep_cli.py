@@ -57,19 +57,14 @@ def _parse_engine_args(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``sweep`` command's arguments."""
-    p = argparse.ArgumentParser(prog="python -m chains.run sweep", description=__doc__.split("\n\n")[0])
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments that ``sweep`` and ``tune`` share: what runs, what is held fixed, and where results go."""
     p.add_argument("--workload", action="append", required=True,
                    help="workload(s) to sweep; repeat the flag or give a comma list. With --inputs, also your own "
                    "target: pkg.module:graph, ./file.py:graph or a langgraph.json graph name")
     p.add_argument("--inputs", default=None, help="inputs of your own target: JSONL (one JSON value a line) or .csv")
     p.add_argument("--column", default=None, help="the CSV column that holds the inputs")
     p.add_argument("--config", default=None, help="the langgraph.json for graph names (default: ./langgraph.json)")
-    p.add_argument("--knob", action="append", required=True, metavar="NAME=V1,V2",
-                   help=f"knob swept one at a time; known: {', '.join(KNOBS)}")
-    p.add_argument("--across", action="append", default=[], metavar="NAME=V1,V2",
-                   help="knob crossed with every configuration (e.g. backend=vllm,parrot)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=V", dest="fixed",
                    help="hold a knob at one value for the whole sweep (e.g. output-len=32)")
     p.add_argument("--setting", action="append", default=[], metavar="FIELD=V",
@@ -85,11 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no trial after this many seconds, nor an engine whose start and shortest trial "
                    "so far would not fit; rerun the same command to resume")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sweep`` command's arguments."""
+    p = argparse.ArgumentParser(prog="python -m chains.run sweep", description=__doc__.split("\n\n")[0])
+    add_common_arguments(p)
+    p.add_argument("--knob", action="append", required=True, metavar="NAME=V1,V2",
+                   help=f"knob swept one at a time; known: {', '.join(KNOBS)}")
+    p.add_argument("--across", action="append", default=[], metavar="NAME=V1,V2",
+                   help="knob crossed with every configuration (e.g. backend=vllm,parrot)")
     return p
 
 
-def spec_from_args(args: argparse.Namespace, known_workloads: Sequence[str] | None = None) -> SweepSpec:
-    """Validate the arguments into a :class:`SweepSpec` (every error before anything runs)."""
+def fixed_from_args(args: argparse.Namespace, known_workloads: Sequence[str] | None = None
+                    ) -> tuple[list[str], dict[str, Any]]:
+    """The workloads and the fixed part of a sweep (settings, engine, target) from the shared arguments.
+
+    Raises:
+        ConfigError: an unknown workload without --inputs, a missing/empty/bad inputs file, a malformed
+            --set/--setting/--engine-arg, or a --setting that names a knob.
+    """
     workloads = _split_multi(args.workload)
     targets = [w for w in workloads if known_workloads is not None and w not in known_workloads]
     if targets and not args.inputs:
@@ -99,6 +110,22 @@ def spec_from_args(args: argparse.Namespace, known_workloads: Sequence[str] | No
         locate_target(target, args.config)  # found without importing it: that waits for the engine
     if args.inputs:
         load_inputs(args.inputs, args.column)  # missing, empty or not JSON: refused before anything starts
+    engine = _parse_engine_args(args.engine_arg)
+    if args.model:
+        engine["model"] = args.model
+    settings = _parse_engine_args(args.setting)  # same FIELD=VALUE syntax
+    overlap = set(settings) & set(KNOB_FIELDS)
+    if overlap:
+        raise ConfigError(f"--setting {sorted(overlap)} names a knob; use --set or --knob for knobs")
+    fixed: dict[str, Any] = {"settings": {**settings, **_parse_fixed(args.fixed)}, "engine": engine}
+    if targets:
+        fixed["target"] = {"inputs": str(args.inputs), "column": args.column, "config": args.config}
+    return list(dict.fromkeys(workloads)), fixed
+
+
+def spec_from_args(args: argparse.Namespace, known_workloads: Sequence[str] | None = None) -> SweepSpec:
+    """Validate the arguments into a :class:`SweepSpec` (every error before anything runs)."""
+    workloads, fixed = fixed_from_args(args, known_workloads)
     knobs: dict[str, list[Any]] = {}
     for item in args.knob:
         name, values = parse_knob(item)
@@ -111,18 +138,7 @@ def spec_from_args(args: argparse.Namespace, known_workloads: Sequence[str] | No
         if name in knobs or name in across:
             raise ConfigError(f"knob {name!r} is both swept and crossed, or crossed twice")
         across[name] = values
-    engine = _parse_engine_args(args.engine_arg)
-    if args.model:
-        engine["model"] = args.model
-    settings = _parse_engine_args(args.setting)  # same FIELD=VALUE syntax
-    overlap = set(settings) & set(KNOB_FIELDS)
-    if overlap:
-        raise ConfigError(f"--setting {sorted(overlap)} names a knob; use --set or --knob for knobs")
-    fixed = {"settings": {**settings, **_parse_fixed(args.fixed)}, "engine": engine}
-    if targets:
-        fixed["target"] = {"inputs": str(args.inputs), "column": args.column, "config": args.config}
-    return SweepSpec(workloads=list(dict.fromkeys(workloads)), knobs=knobs, repeats=args.repeats,
-                     across=across, fixed=fixed)
+    return SweepSpec(workloads=workloads, knobs=knobs, repeats=args.repeats, across=across, fixed=fixed)
 
 
 def main(argv: Sequence[str] | None = None, runner_factory: Callable[..., TrialRunner] | None = None) -> int:
