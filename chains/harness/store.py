@@ -18,12 +18,15 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import re
+import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,10 @@ from chains.harness.tables import load_workflows, tagged, trial_metrics
 from langchain_energy.errors import ConfigError, DataError
 
 SCHEMA_VERSION = 1  # of sweep.json; trial files carry their own format (chains.harness.record)
+
+
+class StoreLockedError(ConfigError):
+    """Another live process is writing to this results directory."""
 
 
 class SweepMismatchError(ConfigError):
@@ -181,6 +188,33 @@ class ResultStore:
         self.path = Path(path)
         self.trials_dir = self.path / "trials"
         self.spec_path = self.path / "sweep.json"
+
+    # -- one writer ------------------------------------------------------------------------------------
+    @contextmanager
+    def writer(self) -> Iterator[ResultStore]:
+        """Hold the store's lock while trials are written: a second sweep on the same directory is refused.
+
+        The lock is an OS file lock (``flock``) on ``.lock`` in the directory, which the kernel drops when its
+        process dies, so the lock of a killed sweep never blocks a resume.
+
+        Raises:
+            StoreLockedError: another live process holds the store (its PID and command are named).
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path / ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = lock_path.read_text(errors="replace").strip() or "another process"
+                raise StoreLockedError(f"{self.path} is in use by {holder}; wait for it to finish or choose "
+                                       "another --out directory") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()} ({' '.join(sys.argv[:4])})".encode())
+            yield self
+        finally:
+            os.close(fd)  # closing drops the flock
 
     # -- identity -------------------------------------------------------------------------------------
     def init(self, spec: SweepSpec) -> None:

@@ -172,8 +172,9 @@ def run_sweep(
     configs = plan(spec, defaults or {})
     power_cap = power_cap or PowerCap(dry_run=True)
     preflight(configs, runner, power_cap)  # before the store is created: a sweep that cannot run leaves nothing
-    store.init(spec)
-    return run_configs(configs, spec.repeats, store, runner, power_cap, progress, deadline)
+    with store.writer():
+        store.init(spec)
+        return run_configs(configs, spec.repeats, store, runner, power_cap, progress, deadline)
 
 
 def preflight(configs: Sequence[SweepConfig], runner: TrialRunner, power_cap: PowerCap) -> None:

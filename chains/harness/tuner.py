@@ -311,7 +311,8 @@ class StoreObjective:
     def evaluate(self, config: Mapping[str, Any]) -> Evaluation:
         """Run the missing repeats of ``config`` and evaluate all of them."""
         sc = self.sweep_config(config)
-        run_configs([sc], self.repeats, self.store, self.runner, self.power_cap, self.progress, self.deadline)
+        with self.store.writer():  # one writer per directory, as for sweeps
+            run_configs([sc], self.repeats, self.store, self.runner, self.power_cap, self.progress, self.deadline)
         records = self.records(sc)
         if len(records) < self.repeats and not any(r.status == STATUS_INFEASIBLE for r in records):
             raise TimeoutError("the time budget ran out before this configuration finished")

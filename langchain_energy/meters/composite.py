@@ -58,6 +58,8 @@ class CompositeMeter:
         ranges = {k: r for idx, meter in enumerate(self.meters)
                   for k, r in counter_ranges(meter).items() if self._owner.get(k) == idx}
         self._guard = MonotonicGuard(ranges, name="CompositeMeter")
+        steps = [r for m in self.meters if (r := getattr(m, "resolution_s", None))]
+        self.resolution_s: float | None = max(steps) if steps else None  # the coarsest counter's step
         # One read at a time: a read that took its time before another but finished after it would otherwise
         # carry the earlier time with the larger joules.
         self._lock = threading.Lock()
@@ -259,6 +261,7 @@ class _Subset:
 
     def __init__(self, meter: Meter, keep: Mapping[str, str]) -> None:
         self.meter, self.keep, self.clock = meter, dict(keep), meter.clock
+        self.resolution_s: float | None = getattr(meter, "resolution_s", None)
         # Node-qualified GPU keys (``gpu:<node>_<i>``) have no per-index power or utilization to filter.
         self.gpus = sorted(int(k.split(":", 1)[1]) for k in self.keep
                            if component_group(k) == "gpu" and k.split(":", 1)[1].isdigit())

@@ -44,6 +44,11 @@ def _gpu_provenance(gpus: Any) -> str:
     return "measured:amdsmi" if "AMD" in type(gpus).__name__ else "measured:nvml"
 
 
+#: Seconds between updates of NVML's energy counter (seen on H100 and H200) and of RAPL's.
+NVML_COUNTER_STEP_S = 0.1
+RAPL_COUNTER_STEP_S = 0.001
+
+
 class ZeusMeter:
     """Cumulative joules from the hardware counters Zeus can reach on this machine.
 
@@ -127,6 +132,10 @@ class ZeusMeter:
                 self._components["cpu"] = "measured:rapl"
                 if self._dram:
                     self._components["dram"] = "measured:rapl"
+        # NVML's energy counter steps about every 100 ms (RAPL's about every 1 ms): calls shorter than this
+        # cannot be resolved by the counter alone, and their records say so.
+        self.resolution_s: float | None = NVML_COUNTER_STEP_S if self._gpu_indices else (
+            RAPL_COUNTER_STEP_S if self._cpu_indices else None)
         self._guard = MonotonicGuard(self.counter_ranges_j(), name="ZeusMeter")
         # Counters start at driver load; report joules since this meter started.
         self._origin: dict[str, float] = {}

@@ -138,14 +138,16 @@ def test_a_tool_round_trip_goes_back_to_the_model(chat):
     assert isinstance(answer, AIMessage) and answer.content
 
 
-def test_auto_without_a_parser_is_a_clear_error(chat, vllm_server):
-    assert not vllm_server.config.auto_tool_choice
+def test_auto_goes_through_the_servers_parser_and_is_a_clear_error_without_one(chat, vllm_server):
+    # The session's engine runs the hermes parser: "auto" is served (the 135M model may answer in prose).
+    assert vllm_server.config.auto_tool_choice
+    answer = chat.bind_tools([get_weather]).invoke("Weather in Oslo?")
+    assert isinstance(answer, AIMessage)
+    # A model that knows its server has no parser refuses at bind time, before any request.
+    without = ChatServing(backend="openai", base_url=vllm_server.base_url, model=vllm_server.served_model_name,
+                          auto_tool_choice=False)
     with pytest.raises(ConfigError, match="tool-call parser"):
-        chat.bind_tools([get_weather])
-    # The server says so too, when the client could not know.
-    unaware = ChatServing(backend="openai", base_url=vllm_server.base_url, model=vllm_server.served_model_name)
-    with pytest.raises(ConfigError, match="tool-call parser"):
-        unaware.bind_tools([get_weather], tool_choice="auto").invoke("Weather in Oslo?")
+        without.bind_tools([get_weather])
 
 
 @pytest.mark.parametrize("schema", [Reading, ReadingDict, Reading.model_json_schema()],

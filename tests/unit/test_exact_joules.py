@@ -363,3 +363,15 @@ def test_a_batchs_energy_on_the_response_is_its_final_split():
     by_start = handler.to_dataframe().energy_j.tolist()
     assert on_response == pytest.approx(by_start, rel=1e-12)
     assert on_response == pytest.approx([100 * (0.2 / 3 + 0.8 / 2 + 1.0), 100 * 0.2 / 3, 100 * (0.2 / 3 + 0.8 / 2)])
+
+
+def test_a_call_shorter_than_the_counters_step_says_so():
+    clock, meter = replay(100.0)
+    meter.resolution_s = 0.1  # as the Zeus meter declares for NVML's ~100 ms counter
+    with EnergyCallbackHandler(meter=meter) as handler:
+        for seconds in (0.05, 0.5):
+            run = uuid4()
+            handler.on_llm_start({}, ["x"], run_id=run)
+            clock.advance(seconds)
+            handler.on_llm_end(LLMResult(generations=[[Generation(text="o")]]), run_id=run)
+    assert handler.to_dataframe().below_resolution.tolist() == [True, False]
