@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -202,9 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from chains.harness.plot_cli import main as sub_main
         return int(sub_main(argv[1:]) or 0)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_guarded(run_command, parser.parse_args(argv))
+
+
+def run_guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a subcommand: bad input is one line on stderr and exit 2, Ctrl-C exit 130, never a traceback."""
     try:
-        return run_command(args)
+        return command(args)
     except EnergyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

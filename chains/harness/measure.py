@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -216,12 +215,6 @@ def chat_model_for(server: Any, base_url: str | None, model: str | None, kwargs:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m chains.run measure``; returns the exit status (2 for bad input)."""
-    args = build_parser().parse_args(argv)
-    try:
-        return measure_command(args)
-    except EnergyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from chains.harness.cli import run_guarded  # the CLI imports this module only when asked: no cycle
+
+    return run_guarded(measure_command, build_parser().parse_args(argv))

@@ -685,7 +685,6 @@ def tune(objective: Objective, out: str | os.PathLike[str], target: str = "energ
     Raises:
         ConfigError: a bad target or trial count, an empty or missing search space, another tune in ``out``.
     """
-    import optuna
     from optuna.trial import TrialState
 
     if target not in OBJECTIVES:
