@@ -158,11 +158,18 @@ class Ledger:
         self._offset: dict[str, float] = {}  # joules of held components, never attributed
         self._live: dict[Hashable, RunRecord] = {}  # runs that can still receive joules
         self._holders: dict[Hashable, int] = {}
-        self._received: dict[str, dict[Hashable, Received]] = {"equal": {}, "tokens": {}}
+        # One table per weighting someone reads (`use`): a fold computes only the splits that are asked for.
+        self._received: dict[str, dict[Hashable, Received]] = {"equal": {}}
         self._cum: dict[Hashable, list[dict[str, float] | None]] = {}  # run -> [at start, at end]
         self._folded_to: float | None = None
         self.outside_j: dict[str, float] = {c: 0.0 for c in self.components}
         self.version = 0
+
+    def use(self, weighting: Weighting) -> None:
+        """Keep the split by `weighting` from now on (runs opened later are shared by it too)."""
+        with self._lock:
+            if weighting not in self._received:
+                self._received[weighting] = {rid: Received({c: 0.0 for c in self.components}) for rid in self._live}
 
     # -- samples -----------------------------------------------------------------------------------------
     def add_sample(self, t: float, cumulative: Mapping[str, float], held: frozenset[str] = frozenset()) -> None:
@@ -307,13 +314,13 @@ class Ledger:
         cut = bisect.bisect_right(self._t, upto) + 1  # the first sample after `upto` interpolates up to it
         times = self._t[:cut]
         cumulative = {c: v[:cut] for c, v in self._e.items()}
-        for w, spans in spans_by_w.items():
+        for n, (w, spans) in enumerate(spans_by_w.items()):
             result = attribute(times, cumulative, spans, window=(t0, upto), weighting="tokens")
             table = self._received[w]
             for s in spans:
                 table[s.run_id].add(result.direct[s.run_id], result.prefill.get(s.run_id),
                                     result.decode.get(s.run_id), result.share_s[s.run_id])
-            if w == "equal":
+            if n == 0:  # what nobody received is the same under every weighting: count it once
                 _add_into(self.outside_j, result.outside)
         # Keep one (interpolated) sample at the fold point so later pieces interpolate exactly as before.
         at = self._cumulative_at(upto)

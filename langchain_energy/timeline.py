@@ -16,7 +16,6 @@ import bisect
 import logging
 import math
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import psutil
@@ -309,13 +308,3 @@ def _forget(tl: Timeline) -> None:
     with _registry_lock:
         if _registry.get(id(tl.meter)) is tl:
             del _registry[id(tl.meter)]
-
-
-def provenance_by_group(provenance: Mapping[str, str]) -> dict[str, str]:
-    """Collapse component provenance to the record groups cpu/gpu/dram (distinct labels joined by '+')."""
-    from langchain_energy.meters.base import COMPONENTS, UNAVAILABLE, component_group
-
-    out: dict[str, set[str]] = {g: set() for g in COMPONENTS}
-    for key, prov in provenance.items():
-        out.setdefault(component_group(key), set()).add(prov)
-    return {g: "+".join(sorted(p)) if p else UNAVAILABLE for g, p in out.items()}

@@ -53,6 +53,7 @@ def histories(draw):
 
 def replay(events, weighting):
     ledger = Ledger(("gpu:0",))
+    ledger.use(weighting)
     recs = {}
     times, cum = [], []
     for ev in events:

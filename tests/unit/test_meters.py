@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from langchain_energy.accounting import group_provenance
 from langchain_energy.errors import ConfigError, MeterError
 from langchain_energy.meters import (
     CompositeMeter,
@@ -18,7 +19,6 @@ from langchain_energy.meters import (
     ZeusMeter,
     auto_meter,
 )
-from langchain_energy.timeline import provenance_by_group
 
 
 class SimulatedZeusGPUs:
@@ -191,8 +191,8 @@ def test_auto_meter_prefers_counters_and_falls_back_to_the_estimate():
     r = meter.read()
     assert r.energy_j["gpu:0"] == pytest.approx(200.0)
     assert r.energy_j["dram"] == pytest.approx(4.0 * 0.375)
-    assert provenance_by_group(meter.components()) == {
-        "cpu": "estimated:linear-tdp/process-tree", "gpu": "measured:nvml", "dram": "estimated:linear-tdp/machine"}
+    assert group_provenance(meter.components()) == {
+        "cpu": "estimated:linear-tdp/process-tree", "gpu": "measured:nvml@gpu0", "dram": "estimated:linear-tdp/machine"}
     # measured RAPL wins over the estimate when present
     zm2 = ZeusMeter(clock=clock, gpus=SimulatedZeusGPUs([200.0], clock),
                     cpus=SimulatedRAPLCPUs(1, 50.0, 5.0, clock))
@@ -217,7 +217,7 @@ def test_auto_meter_refuses_impossible_choices():
 
 def test_auto_meter_on_this_machine_labels_its_estimate():
     meter = auto_meter()
-    groups = provenance_by_group(meter.components())
+    groups = group_provenance(meter.components())
     if not os.path.exists("/sys/class/powercap/intel-rapl"):
         assert groups["cpu"].startswith("estimated:") and groups["dram"].startswith("estimated:")
     assert all(p == "unavailable" or p.startswith(("measured:", "estimated:")) for p in groups.values())
