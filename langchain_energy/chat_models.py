@@ -11,6 +11,8 @@ tiktoken download).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -49,6 +51,7 @@ from langchain_energy.backends.openai_compat import OpenAICompatBackend
 from langchain_energy.backends.vllm_server import EngineConfig, VLLMServer, shared_server
 from langchain_energy.errors import BackendUnreachableError, ConfigError
 from langchain_energy.models import DEFAULT_MODEL, load_tokenizer, resolve_model
+from langchain_energy.scheduling import WorkflowScheduler
 
 __all__ = ["ChatServing"]
 
@@ -136,6 +139,9 @@ class ChatServing(BaseChatModel):
     """Seconds to wait for a connection before calling the server unreachable."""
     request_timeout_s: float = Field(default=600.0, gt=0, alias="timeout")
     """Seconds one request may take in all (also settable as ``timeout``)."""
+    scheduler: WorkflowScheduler | None = None
+    """A `WorkflowScheduler` (also in the runs' callbacks): each call waits at its gate, if any, and is sent
+    with its priority (which replaces ``priority``, except under ``fcfs``), as in `ServingLLM`."""
 
     _backend: OpenAICompatBackend | None = PrivateAttr(default=None)
     _server: VLLMServer | None = PrivateAttr(default=None)
@@ -324,8 +330,8 @@ class ChatServing(BaseChatModel):
         return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")
 
     # -- one request -----------------------------------------------------------------------------------
-    def _request(self, messages: list[BaseMessage], stop: list[str] | None,
-                 kwargs: dict[str, Any]) -> tuple[dict[str, Any], ForcedCall | None]:
+    def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any],
+                 run_id: Any = None) -> tuple[dict[str, Any], ForcedCall | None]:
         """The backend request for a call (messages, sampling, extra body) and its forced tool call, if any."""
         kwargs = dict(kwargs)
         for key in _IGNORED_OPTIONS:
@@ -356,7 +362,7 @@ class ChatServing(BaseChatModel):
         if response_format is not None:
             extra["response_format"] = response_format
         request = {"messages": convert_to_openai_messages(messages), "extra": extra, "model": model}
-        return {"params": params, "request": request}, forced
+        return {"params": params, "request": request, "run_id": run_id}, forced
 
     async def _backend_events(self, call: dict[str, Any], forced: ForcedCall | None,
                               t_enter: float) -> AsyncIterator[StreamEvent]:
@@ -367,24 +373,29 @@ class ChatServing(BaseChatModel):
         backend = await self._aget_backend()
         took = time.monotonic() - t_enter
         engine_start_s = took if not was_started and took >= _ENGINE_START_MIN_S else 0.0
-        for attempt in range(self.max_retries + 1):
-            sent_after = time.monotonic() - t_enter
-            received = False
-            try:
-                async for event in backend.astream("", call["params"], **call["request"]):
-                    if event.completion is not None:
-                        event.completion.extra["sent_after_s"] = sent_after
-                        if engine_start_s > 0:
-                            event.completion.extra["engine_start_s"] = engine_start_s
-                    received = True
-                    yield event
-                return
-            except BackendUnreachableError:
-                if received or attempt >= self.max_retries:
-                    raise
-                await asyncio.sleep(min(0.5 * 2**attempt, 4.0))
-            except ConfigError as exc:
-                raise self._refusal(exc, call, forced) from exc
+        # The scheduler's gate, if any, holds its slot from the first byte sent to the last event.
+        gate = (self.scheduler.admitted(call["run_id"]) if self.scheduler is not None and call["run_id"] is not None
+                else contextlib.nullcontext())
+        async with gate as priority:
+            params = call["params"] if priority is None else dataclasses.replace(call["params"], priority=priority)
+            for attempt in range(self.max_retries + 1):
+                sent_after = time.monotonic() - t_enter   # after the gate: the wait there is not the call's
+                received = False
+                try:
+                    async for event in backend.astream("", params, **call["request"]):
+                        if event.completion is not None:
+                            event.completion.extra["sent_after_s"] = sent_after
+                            if engine_start_s > 0:
+                                event.completion.extra["engine_start_s"] = engine_start_s
+                        received = True
+                        yield event
+                    return
+                except BackendUnreachableError:
+                    if received or attempt >= self.max_retries:
+                        raise
+                    await asyncio.sleep(min(0.5 * 2**attempt, 4.0))
+                except ConfigError as exc:
+                    raise self._refusal(exc, call, forced) from exc
 
     @staticmethod
     def _refusal(exc: ConfigError, call: dict[str, Any], forced: ForcedCall | None) -> ConfigError:
@@ -485,7 +496,7 @@ class ChatServing(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         t_enter = time.monotonic()
-        return await self._collect(*self._request(messages, stop, kwargs), t_enter)
+        return await self._collect(*self._request(messages, stop, kwargs, _run_id(run_manager)), t_enter)
 
     def _generate(
         self,
@@ -494,7 +505,8 @@ class ChatServing(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return run_sync(self._agenerate(messages, stop, **kwargs))
+        t_enter = time.monotonic()
+        return run_sync(self._collect(*self._request(messages, stop, kwargs, _run_id(run_manager)), t_enter))
 
     async def _astream(
         self,
@@ -504,7 +516,7 @@ class ChatServing(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         t_enter = time.monotonic()
-        async for chunk in self._events(*self._request(messages, stop, kwargs), t_enter):
+        async for chunk in self._events(*self._request(messages, stop, kwargs, _run_id(run_manager)), t_enter):
             if run_manager and chunk.text:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
@@ -517,7 +529,8 @@ class ChatServing(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         t_enter = time.monotonic()
-        for chunk in iterate_sync(self._events(*self._request(messages, stop, kwargs), t_enter)):
+        for chunk in iterate_sync(self._events(*self._request(messages, stop, kwargs, _run_id(run_manager)),
+                                               t_enter)):
             if run_manager and chunk.text:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
@@ -526,6 +539,10 @@ class ChatServing(BaseChatModel):
 _NO_PARSER = ('tool_choice="auto" needs the server\'s tool-call parser: start the engine with '
               'EngineConfig(tool_call_parser=...) (vLLM --tool-call-parser), or force a call with '
               'tool_choice="any" or a tool\'s name')
+
+
+def _run_id(run_manager: Any) -> Any:
+    return getattr(run_manager, "run_id", None)
 
 
 def _complete_call(message: AIMessage) -> AIMessage:

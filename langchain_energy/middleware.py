@@ -17,7 +17,6 @@ from langchain.agents.middleware.types import (
     ModelRequest,
     ModelResponse,
     OmitFromInput,
-    hook_config,
 )
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
@@ -144,14 +143,20 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
             return f"{summary['j_per_token']:.3g} J/token against a {self.budget_j_per_token:g} J/token budget"
         return None
 
+    def _call_energies(self, run_ids: list[UUID], messages: list[BaseMessage]) -> list[dict[str, Any]]:
+        """The joules of the model calls behind ``messages``: the split this package's models already carry on
+        their message (``response_metadata["energy"]``, final at the call's end), else the handler's."""
+        on_messages = [m.response_metadata["energy"] for m in messages
+                       if isinstance(m, AIMessage) and isinstance(m.response_metadata.get("energy"), dict)]
+        if on_messages and len(on_messages) >= len(run_ids):
+            return on_messages
+        handler = self.handler  # another chat model (or a split not yet final): ask the ledger
+        return [e for e in (handler.energy_of(run_id) for run_id in run_ids) if e is not None]
+
     def _add_call(self, summary: dict[str, Any], run_ids: list[UUID], messages: list[BaseMessage],
                   fallback: bool) -> dict[str, Any]:
         out = dict(summary)
-        handler = self.handler
-        for run_id in run_ids:
-            energy = handler.energy_of(run_id)
-            if energy is None:
-                continue
+        for energy in self._call_energies(run_ids, messages):
             out["energy_j"] += float(energy.get("energy_j", math.nan))
             out["energy_measured_j"] += float(energy.get("energy_measured_j", math.nan))
             out["provenance"] = energy.get("provenance") or out["provenance"]
@@ -185,21 +190,17 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         """Async form of `before_agent`."""
         return self.before_agent(state, runtime)
 
-    @hook_config(can_jump_to=["end"])
-    def before_model(self, state: EnergyBudgetState, runtime: Any) -> dict[str, Any] | None:
-        """End the run cleanly when its budget is spent and there is no fallback model."""
-        summary = state.get("energy") or self._fresh()
+    def _stopped(self, summary: dict[str, Any]) -> ExtendedModelResponse | None:
+        """The run's last answer when its budget is spent and there is no fallback model: an AI message saying
+        so, with no tool calls, so the agent ends there (no model is called). Done inside `wrap_model_call`
+        rather than in a ``before_model`` hook: a hook is one more graph step on every model call."""
         why = self._spent(summary)
         if why is None or self.fallback_model is not None:
             return None
         note = AIMessage(content=f"Stopped: this run's energy budget is spent ({why}).",
                          response_metadata={"energy_budget": "exhausted"})
-        return {"jump_to": "end", "messages": [note], "energy": {**summary, "exhausted": True}}
-
-    @hook_config(can_jump_to=["end"])
-    async def abefore_model(self, state: EnergyBudgetState, runtime: Any) -> dict[str, Any] | None:
-        """Async form of `before_model`."""
-        return self.before_model(state, runtime)
+        return ExtendedModelResponse(model_response=ModelResponse(result=[note]),
+                                     command=Command(update={"energy": {**summary, "exhausted": True}}))
 
     def _prepare(self, request: ModelRequest) -> tuple[ModelRequest, dict[str, Any], bool]:
         summary = request.state.get("energy") or self._fresh()
@@ -210,8 +211,12 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
 
     def wrap_model_call(self, request: ModelRequest,
                         handler: Callable[[ModelRequest], ModelResponse]) -> ExtendedModelResponse:
-        """Meter one model call (on the fallback model once the budget is spent) and add it to the run."""
+        """Meter one model call (on the fallback model once the budget is spent) and add it to the run; once the
+        budget is spent without a fallback, end the run with a message saying so instead of calling the model."""
         request, summary, fallback = self._prepare(request)
+        stopped = self._stopped(summary)
+        if stopped is not None:
+            return stopped
         with self._metered() as watch:
             response = handler(request)
         summary = self._add_call(summary, watch.run_ids, response.result, fallback)
@@ -221,6 +226,9 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
                                handler: Callable[[ModelRequest], Awaitable[ModelResponse]]) -> ExtendedModelResponse:
         """Async form of `wrap_model_call`."""
         request, summary, fallback = self._prepare(request)
+        stopped = self._stopped(summary)
+        if stopped is not None:
+            return stopped
         with self._metered() as watch:
             response = await handler(request)
         summary = self._add_call(summary, watch.run_ids, response.result, fallback)

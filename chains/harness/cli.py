@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="smollm2-135m",
                    help="model: smollm2-135m (embedded), llama2-7b-shape (dummy weights, GPU), a directory or hub name")
     g.add_argument("--base-url", default=None, help="use this running server instead of starting one (vLLM: ends in /v1)")
+    g.add_argument("--api-key-env", default=None, metavar="NAME",
+                   help="environment variable holding the --base-url server's API key (default: OPENAI_API_KEY)")
     g.add_argument("--max-model-len", type=int, default=None, help="engine context window in tokens (default: the model's)")
     g.add_argument("--power-cap-mode", choices=POWER_CAP_MODES, default="dry-run", help=POWER_CAP_MODE_HELP)
     g.add_argument("--apply-power-cap", dest="power_cap_mode", action="store_const", const="apply",
@@ -109,6 +111,10 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     validate(settings)
     if settings.backend in ("openai", "parrot") and not settings.base_url:
         raise ConfigError(f"backend {settings.backend!r} needs --base-url (the server's address)")
+    if settings.scheduling not in (None, "fcfs") and settings.base_url:
+        # A URL server's batch size (the gate's width) and scheduling policy cannot be known from here.
+        raise ConfigError("--scheduling needs the managed engine (its batch size and priority scheduling are set "
+                          "here); drop --base-url")
     if not isinstance(args.repeats, int) or args.repeats < 1:
         raise ConfigError(f"--repeats must be a positive integer, got {args.repeats!r}")
     return settings
@@ -142,14 +148,39 @@ def _engine_context(settings, log_dir: Path):
     return VLLMServer(config, log_dir=log_dir)
 
 
-def _make_llm(settings, server):
-    from langchain_energy.llms import ServingLLM
-
+def _make_llm(settings, server, api_key: Any = None):
+    """The trial's model: the chat model (the workloads are chat-style), or Parrot's completion LLM."""
     common = {"max_tokens": 256, "seed": settings.seed, **sampling_fields(settings.to_dict())}
+    if settings.backend == "parrot":
+        from langchain_energy.llms import ServingLLM
+
+        return ServingLLM(backend="parrot", base_url=settings.base_url, model=settings.model, **common)
+    from langchain_energy.chat_models import ChatServing
+
+    if api_key is not None:
+        common["api_key"] = api_key
     if server is not None:
-        return ServingLLM.from_server(server, **common)
-    backend = "openai" if settings.backend == "vllm" else settings.backend
-    return ServingLLM(backend=backend, base_url=settings.base_url, model=settings.model, **common)
+        return ChatServing.from_server(server, **common)
+    return ChatServing(backend="openai", base_url=settings.base_url, model=settings.model, **common)
+
+
+def api_key_from_env(name: str | None) -> Any:
+    """The server's API key from the environment variable ``name`` (a `SecretStr`); None: the model's default
+    (``OPENAI_API_KEY``). Never from the command line, where it would land in shell history and metadata.
+
+    Raises:
+        ConfigError: the variable is not set.
+    """
+    import os
+
+    from pydantic import SecretStr
+
+    if name is None:
+        return None
+    value = os.environ.get(name)
+    if not value:
+        raise ConfigError(f"--api-key-env {name}: that environment variable is not set (or empty)")
+    return SecretStr(value)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -162,6 +193,7 @@ def run_command(args: argparse.Namespace) -> int:
     # Everything that can fail on bad input happens here, before any engine starts.
     power_cap = PowerCap.for_mode(args.power_cap_mode)
     power_cap.preflight([settings.power_cap_w] if settings.power_cap_w is not None else [])
+    api_key = api_key_from_env(args.api_key_env)
     count_tokens, context = _tokenizer_and_context(settings)
     inputs = prepare_inputs(settings, count_tokens, context)
     out = output_dir(args.out, settings.workload)
@@ -172,7 +204,7 @@ def run_command(args: argparse.Namespace) -> int:
         return run_trial(settings, llm, inputs=inputs, callbacks=[progress], extra_meta={"repeat": repeat})
 
     server = _engine_context(settings, out)
-    session = run_session(trial, lambda srv: _make_llm(settings, srv), server=server, power_cap=power_cap,
+    session = run_session(trial, lambda srv: _make_llm(settings, srv, api_key), server=server, power_cap=power_cap,
                           power_cap_w=settings.power_cap_w, repeats=args.repeats, expected_calls=calls,
                           show_progress=not args.no_progress)
     write_session(out, session, {

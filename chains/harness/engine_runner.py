@@ -43,6 +43,10 @@ class EngineTrialRunner:
         log_dir: where engine logs go when this runner starts its own engine.
         target: for workloads that are the user's own targets (see `chains.harness.target`): ``inputs``
             (a JSONL or CSV file), and optionally ``column`` and ``config`` (a ``langgraph.json``).
+        zeusd: meter the engine's node through its ``zeusd`` (``http://host:4938``) instead of this process's
+            counters; on a Ray worker ``http://127.0.0.1:4938`` is the zeusd of the worker's own node.
+        gpu_ids: the node's indices of the engine's GPUs, for the zeusd meter (a Ray worker passes
+            ``ray.get_gpu_ids()``; default: the managed engine's own).
 
     Example:
         >>> EngineTrialRunner(engine_args={"max_model_len": 4096}).engine_args
@@ -50,8 +54,12 @@ class EngineTrialRunner:
     """
 
     def __init__(self, engine_args: Mapping[str, Any] | None = None, parrot_url: str | None = None,
-                 server: Any = None, log_dir: str | None = None, target: Mapping[str, Any] | None = None) -> None:
+                 server: Any = None, log_dir: str | None = None, target: Mapping[str, Any] | None = None,
+                 zeusd: str | None = None, gpu_ids: Sequence[int] | None = None) -> None:
         self.parrot_url = parrot_url
+        self.zeusd = zeusd
+        self.gpu_ids = list(gpu_ids) if gpu_ids is not None else None
+        self._meter: Any = None  # the zeusd meter, built on the first trial
         self.target = dict(target or {})  # inputs (and column, langgraph.json) of user targets
         self._users: dict[str, Any] = {}
         self._bound: Any = None
@@ -159,13 +167,16 @@ class EngineTrialRunner:
                 self.engine_config(config)
 
     def _llm(self, config: SweepConfig) -> Any:
-        from langchain_energy.llms import ServingLLM
-
+        # The workloads are chat-style: the chat model on the engine; Parrot's semantic calls stay completions.
         if config.settings.get("backend", "vllm") == "parrot":
+            from langchain_energy.llms import ServingLLM
+
             return ServingLLM(backend="parrot", base_url=self._parrot_base_url(),
                               model=self.server.served_model_name if self._stack else
                               self.engine_args.get("model", "smollm2-135m"))
-        return ServingLLM.from_server(self.server)
+        from langchain_energy.chat_models import ChatServing
+
+        return ChatServing.from_server(self.server)
 
     def run(self, config: SweepConfig, repeat: int) -> Any:
         """Reset the prefix cache (independent trials), then run one trial with an energy handler."""
@@ -187,7 +198,7 @@ class EngineTrialRunner:
         from chains.harness.tables import timeline_frame
         from langchain_energy.callbacks import EnergyCallbackHandler
 
-        handler = EnergyCallbackHandler(idle_power_w=idle_power_w)
+        handler = EnergyCallbackHandler(idle_power_w=idle_power_w, meter=self._zeusd_meter())
         before = self._engine_metrics()
         with handler:
             result = trial(handler)
@@ -202,6 +213,22 @@ class EngineTrialRunner:
             # The engine's own counters: the same for both backends, where Parrot's calls report no usage.
             result.meta["engine_metrics"] = (after - before).to_dict()
         return result
+
+    def _zeusd_meter(self) -> Any:
+        """The meter on the engine's node's zeusd (its GPUs only), or None for the process's own meter."""
+        if self.zeusd is None:
+            return None
+        if self._meter is None:
+            import re
+            import socket
+
+            from langchain_energy.meters import auto_meter
+
+            gpus = self.gpu_ids if self.gpu_ids is not None else (
+                list(self.server.gpu_indices) if self.server is not None and self.server.on_gpu else None)
+            node = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname().split(".")[0]) or "node"
+            self._meter = auto_meter(zeusd={node: self.zeusd}, gpu_indices=gpus)
+        return self._meter
 
     def _fixed_engine(self) -> dict[str, Any] | None:
         """The running engine's flags that no knob set (the knobs' values are in the record already)."""
@@ -265,6 +292,9 @@ class EngineTrialRunner:
             user.unbind()
         self._bound = None
         self._stop_stack()
+        if self._meter is not None:
+            meter, self._meter = self._meter, None
+            meter.close()
         if self.server is None:
             return
         if self._borrowed:

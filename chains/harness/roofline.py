@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from chains.harness.store import ResultStore, write_json_atomic
+from langchain_energy.ledger import CALL_KINDS
 
 # Decode roofline: every step reads all weights once; memory bandwidth bounds the step time.
 LLAMA2_7B_SHAPE_PARAMS = 2 * 49152 * 4096 + 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) + 4096
@@ -53,7 +54,7 @@ def roofline(trials: pd.DataFrame, runs: pd.DataFrame, facts: dict[str, Any]) ->
     knob, value = per_config["mean"].idxmin()
     value = value.item() if hasattr(value, "item") else value  # a numpy scalar would be written as text
     best = per_config.loc[(knob, value)]
-    llm = runs[(runs["kind"] == "llm") & (runs["knob"] == knob) & (runs["value"] == value)]
+    llm = runs[runs["kind"].isin(CALL_KINDS) & (runs["knob"] == knob) & (runs["value"] == value)]
     # Mean sequences in flight: the decode batch actually realised (call-seconds over wall seconds).
     in_flight = llm.groupby("key").apply(
         lambda r: (r["t_end"] - r["t_start"]).sum() / (r["t_end"].max() - r["t_start"].min()), include_groups=False)

@@ -8,6 +8,12 @@ module's state; an integrator writes the entry point that ties the modules toget
 LLM calls per task: ``1 + modules * (1 + 2 * rounds) + 1``; 3 modules and 2 rounds give 17, inside
 the study's 15-20.
 
+The engineer is a tool-using agent when its model can bind tools (a chat model): it writes its module as the
+argument of a forced ``check_syntax`` call (`bind_tools`), the tool parses the code in-process (``ast``, no
+network) in a ``check`` node of the branch, the `ToolMessage` joins the engineer's history and its verdict goes
+to the reviewer. The tool runs between model calls: its time is orchestration, never a model call. A model that
+cannot bind tools (a completion LLM) writes the module as plain text and no tool runs.
+
 Example:
     >>> from langchain_core.language_models.fake import FakeListLLM
     >>> graph = build_agentic_graph(FakeListLLM(responses=["x"]), rounds=1)
@@ -19,15 +25,19 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import operator
 from collections.abc import Sequence
-from typing import Annotated, TypedDict
+from typing import Annotated, Any, TypedDict
 
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+from langchain_core.tools import tool
+from langchain_core.utils.json import parse_partial_json
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Send
 
-from chains.workloads.llm_utils import LLMSource, acall, ainvoke_many, positive_int, resolve_llm
+from chains.workloads.llm_utils import LLMSource, acall, acall_message, ainvoke_many, positive_int, resolve_llm
 from langchain_energy.errors import ConfigError, DataError
 
 # Coding tasks: a one-paragraph brief and the modules the architect splits it into. Fixed module
@@ -66,11 +76,19 @@ ENGINEER_PROMPT = (
     "Write the complete code of the module `{module}` only, following the design. Output only code.\n\n"
     "```python\n"
 )
+# The tool-using engineer writes the same module, as the argument of its syntax-check tool.
+ENGINEER_TOOL_PROMPT = (
+    "You are a Python engineer.\nTask: {brief}\nDesign:\n{design}\n\n"
+    "Write the complete code of the module `{module}` only, following the design, and check its syntax with "
+    "the check_syntax tool."
+)
 REVIEWER_PROMPT = (
     "You are a code reviewer.\nTask: {brief}\nModule `{module}`:\n```python\n{code}\n```\n\n"
     "List the bugs, missing parts and deviations from the design, most important first, one per line.\n\n"
     "Review:"
 )
+# The same review, with the verdict of the engineer's syntax check (when its tool ran) below the code.
+REVIEWER_CHECKED_PROMPT = REVIEWER_PROMPT.replace("```\n\n", "```\nSyntax check of the module: {verdict}\n\n", 1)
 REVISER_PROMPT = (
     "You are a Python engineer fixing your module after a review.\nTask: {brief}\nModule `{module}`:\n"
     "```python\n{code}\n```\nReview:\n{review}\n\nWrite the corrected code of `{module}`. Output only code.\n\n"
@@ -94,12 +112,46 @@ def resolve_task(name_or_brief: str) -> dict:
     return {"name": "custom", "brief": name_or_brief.strip(), "modules": ["core", "interface", "main_loop"]}
 
 
+@tool
+def check_syntax(code: str) -> str:
+    """Check that a Python module's source code parses; returns "ok" or the first syntax error and its line."""
+    try:
+        compile(code, "<module>", "exec", flags=ast.PyCF_ONLY_AST)  # parse only: the code never runs
+    except SyntaxError as exc:
+        return f"SyntaxError: {exc.msg} (line {exc.lineno})"
+    except ValueError as exc:  # e.g. a null byte in the source
+        return f"SyntaxError: {exc}"
+    return "ok"
+
+
+def _tool_engineer(model: Any) -> Runnable | None:
+    """The model bound to `check_syntax` with the call forced, or None for a model that cannot bind tools."""
+    try:
+        return model.bind_tools([check_syntax], tool_choice=check_syntax.name)
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _submitted_code(message: AIMessage) -> tuple[str, str | None]:
+    """The code in the engineer's tool call and the call's id; a call cut at the token cap keeps its partial code."""
+    for call in message.tool_calls:
+        if call["name"] == check_syntax.name:
+            return str(call["args"].get("code") or ""), call.get("id")
+    for call in message.invalid_tool_calls:
+        if call.get("name") in (check_syntax.name, None):
+            args = parse_partial_json(call.get("args") or "") if call.get("args") else None
+            code = args.get("code") if isinstance(args, dict) else None
+            return str(code or ""), call.get("id")
+    return message.text, None
+
+
 def _sum(a: int, b: int) -> int:
     return a + b
 
 
 class ModuleState(TypedDict, total=False):
-    """One module's branch: written once, then reviewed and revised ``rounds`` times."""
+    """One module's branch: written once (and its syntax checked by the engineer's tool), then reviewed and
+    revised ``rounds`` times. ``messages`` is the engineer's history: its prompt, its tool call, the tool's answer."""
 
     brief: str
     design: str
@@ -110,8 +162,11 @@ class ModuleState(TypedDict, total=False):
     rounds: int
     code_tokens: int
     review_tokens: int
+    messages: list[BaseMessage]
+    syntax: str | None
     results: Annotated[list[dict], operator.add]
     calls: Annotated[int, _sum]
+    tool_calls: Annotated[int, _sum]
 
 
 class ModuleOutput(TypedDict):
@@ -119,6 +174,7 @@ class ModuleOutput(TypedDict):
 
     results: Annotated[list[dict], operator.add]
     calls: Annotated[int, _sum]
+    tool_calls: Annotated[int, _sum]
 
 
 class AgenticState(TypedDict, total=False):
@@ -128,11 +184,13 @@ class AgenticState(TypedDict, total=False):
         task: a bundled task name (snake, todo, calculator, weather) or a free-text brief.
         brief, modules: the resolved task.
         design: the architect's design.
-        results: one ``{module, code, review, rounds}`` per module, from the parallel branches.
+        results: one ``{module, code, rounds, syntax}`` per module, from the parallel branches (``syntax``: the
+            engineer's tool's verdict, None when no tool ran).
         product: the integrator's main.py.
         rounds: review/revise rounds per module (the explicit loop bound).
         code_tokens, review_tokens: per-role caps (code roles, review/design roles).
         calls: LLM calls made in the whole task.
+        tool_calls: tool round trips made in the whole task (not LLM calls).
     """
 
     task: str
@@ -145,18 +203,44 @@ class AgenticState(TypedDict, total=False):
     code_tokens: int
     review_tokens: int
     calls: Annotated[int, _sum]
+    tool_calls: Annotated[int, _sum]
 
 
 def _module_graph(llm: LLMSource):
     async def engineer(state: ModuleState, config: RunnableConfig) -> dict:
         model = resolve_llm(llm, config)
-        prompt = ENGINEER_PROMPT.format(brief=state["brief"], design=state["design"], module=state["module"])
-        code = await acall(model, prompt, max_tokens=state["code_tokens"], role="engineer", config=config)
-        return {"code": code, "round": 0, "calls": 1}
+        fields = {"brief": state["brief"], "design": state["design"], "module": state["module"]}
+        coder = _tool_engineer(model)
+        if coder is None:
+            code = await acall(model, ENGINEER_PROMPT.format(**fields), max_tokens=state["code_tokens"],
+                               role="engineer", config=config)
+            return {"code": code, "round": 0, "calls": 1, "messages": [], "syntax": None}
+        prompt = HumanMessage(ENGINEER_TOOL_PROMPT.format(**fields))
+        message = await acall_message(coder, [prompt], max_tokens=state["code_tokens"], role="engineer",
+                                      config=config)
+        code, _ = _submitted_code(message)
+        return {"code": code, "round": 0, "calls": 1, "messages": [prompt, message], "syntax": None}
+
+    async def check(state: ModuleState, config: RunnableConfig) -> dict:
+        # The engineer's tool call, run here between model calls (orchestration); a call cut at the token cap
+        # is still answered, with the verdict on the partial code it carried.
+        history = list(state.get("messages") or [])
+        last = history[-1] if history else None
+        if not isinstance(last, AIMessage):
+            return {}  # no tool-calling model: nothing to run
+        code, call_id = _submitted_code(last)
+        answer = await check_syntax.ainvoke(
+            {"name": check_syntax.name, "args": {"code": code}, "id": call_id or "call_engineer", "type": "tool_call"},
+            config)
+        assert isinstance(answer, ToolMessage)
+        return {"messages": [*history, answer], "syntax": str(answer.content), "tool_calls": 1}
 
     async def reviewer(state: ModuleState, config: RunnableConfig) -> dict:
         model = resolve_llm(llm, config)
-        prompt = REVIEWER_PROMPT.format(brief=state["brief"], module=state["module"], code=state["code"])
+        verdict = state.get("syntax")
+        fields = {"brief": state["brief"], "module": state["module"], "code": state["code"]}
+        prompt = (REVIEWER_CHECKED_PROMPT.format(verdict=verdict, **fields) if verdict
+                  else REVIEWER_PROMPT.format(**fields))
         review = await acall(model, prompt, max_tokens=state["review_tokens"], role="reviewer", config=config)
         return {"review": review, "calls": 1}
 
@@ -170,18 +254,21 @@ def _module_graph(llm: LLMSource):
         return {"code": code or state["code"], "round": state["round"] + 1, "calls": 1}
 
     def submit(state: ModuleState) -> dict:
-        return {"results": [{"module": state["module"], "code": state["code"], "rounds": state["round"]}]}
+        return {"results": [{"module": state["module"], "code": state["code"], "rounds": state["round"],
+                             "syntax": state.get("syntax")}]}
 
     def again(state: ModuleState) -> str:
         return "reviewer" if state["round"] < state["rounds"] else "submit"
 
     builder = StateGraph(ModuleState, output_schema=ModuleOutput)
     builder.add_node("engineer", engineer)
+    builder.add_node("check", check)
     builder.add_node("reviewer", reviewer)
     builder.add_node("reviser", reviser)
     builder.add_node("submit", submit)
     builder.add_edge(START, "engineer")
-    builder.add_conditional_edges("engineer", again, ["reviewer", "submit"])
+    builder.add_edge("engineer", "check")
+    builder.add_conditional_edges("check", again, ["reviewer", "submit"])
     builder.add_edge("reviewer", "reviser")
     builder.add_conditional_edges("reviser", again, ["reviewer", "submit"])
     builder.add_edge("submit", END)
@@ -192,7 +279,7 @@ def build_agentic_graph(llm: LLMSource, *, rounds: int = 2, code_tokens: int = 1
     """One coding task as a compiled LangGraph graph.
 
     Structure: ``architect`` -> Send one ``module`` branch per module (each a subgraph
-    engineer -> [reviewer -> reviser] x rounds -> submit) -> ``integrate``.
+    engineer -> check (its tool) -> [reviewer -> reviser] x rounds -> submit) -> ``integrate``.
 
     Args:
         llm: a language model, or a function ``config -> model`` called at run time.

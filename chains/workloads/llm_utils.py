@@ -11,8 +11,9 @@ from collections.abc import Callable
 from typing import Any, Union
 
 from langchain_core.language_models import BaseLanguageModel
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.output_parsers import StrOutputParser
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import Runnable, RunnableConfig
 
 LLMSource = Union[BaseLanguageModel, Callable[[RunnableConfig], BaseLanguageModel]]
 
@@ -34,12 +35,27 @@ async def acall(
 ) -> str:
     """One LLM call capped at ``max_tokens``, tagged with its role; returns the text (chat or not).
 
-    The cap travels as a per-call ``max_tokens`` keyword, which `ServingLLM` and the common chat
-    models honour; models that do not know it (test fakes) ignore it.
+    The cap travels as a per-call ``max_tokens`` keyword, which `ChatServing`, `ServingLLM` and the common
+    chat models honour; models that do not know it (test fakes) ignore it. A chat model gets the prompt as
+    one user message, which is what `ServingLLM`'s chat API sends too: the same tokens either way.
     """
-    runnable = llm.bind(max_tokens=max_tokens).with_config(tags=[f"role:{role}"], metadata={"role": role})
-    chain = runnable | StrOutputParser()
-    return await chain.ainvoke(prompt, config)
+    return await (_tagged(llm, max_tokens, role) | StrOutputParser()).ainvoke(prompt, config)
+
+
+async def acall_message(
+    model: Runnable,
+    messages: list[BaseMessage],
+    *,
+    max_tokens: int,
+    role: str,
+    config: RunnableConfig | None = None,
+) -> AIMessage:
+    """One chat-model call (a model with tools bound, say), capped and tagged like `acall`; returns the message."""
+    return await _tagged(model, max_tokens, role).ainvoke(messages, config)
+
+
+def _tagged(model: Runnable, max_tokens: int, role: str) -> Runnable:
+    return model.bind(max_tokens=max_tokens).with_config(tags=[f"role:{role}"], metadata={"role": role})
 
 
 def positive_int(name: str, value: Any) -> int:

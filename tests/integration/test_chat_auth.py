@@ -31,7 +31,9 @@ def get_weather(city: str) -> str:
 def keyed_server(tmp_path_factory):
     # The key goes through the environment (VLLM_API_KEY), not the command line, so the server's log and the
     # process list never show it.
-    server = VLLMServer(EngineConfig(max_num_seqs=4, max_model_len=2048, tool_call_parser="hermes"),
+    # A small memory reservation (a 2,048-token context at 4 sequences needs little): it starts beside another engine.
+    server = VLLMServer(EngineConfig(max_num_seqs=4, max_model_len=2048, tool_call_parser="hermes",
+                                     memory_fraction=0.1, cpu_kvcache_gib=1),
                         log_dir=tmp_path_factory.mktemp("vllm-keyed"), env={"VLLM_API_KEY": KEY})
     server.start()
     yield server
@@ -83,3 +85,45 @@ def test_auto_tool_choice_goes_through_the_servers_parser(keyed_server):
     assert isinstance(msg, AIMessage) and (msg.content or msg.tool_calls) and not msg.invalid_tool_calls
     forced = chat.bind_tools([get_weather], tool_choice="any").invoke("What is the weather in Oslo?")
     assert forced.tool_calls[0]["name"] == "get_weather" and isinstance(forced.tool_calls[0]["args"]["city"], str)
+
+
+def _run_cli(server, out, env, *extra):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    # A short summarization: this engine's context (2048 tokens) has no room for search's 3,000-token prompt.
+    cmd = [sys.executable, "-m", "chains.run", "summarize", "--backend", "openai", "--base-url", server.base_url,
+           "--model", server.served_model_name, "--max-model-len", "2048", "--n-docs", "1", "--input-len", "128",
+           "--max-input-tokens", "256", "--output-len", "8", "--out", str(out), "--no-progress", *extra]
+    base = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    return subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
+                          env={**base, "PYTHONPATH": str(repo), **env})
+
+
+@pytest.mark.parametrize("how", ["--api-key-env", "OPENAI_API_KEY"])
+def test_a_workload_through_chains_run_base_url_authenticates_and_writes_the_key_nowhere(keyed_server, tmp_path, how):
+    out = tmp_path / "out"
+    if how == "--api-key-env":
+        proc = _run_cli(keyed_server, out, {"MY_VLLM_KEY": KEY}, "--api-key-env", "MY_VLLM_KEY")
+    else:
+        proc = _run_cli(keyed_server, out, {"OPENAI_API_KEY": KEY})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = sorted(p for p in out.rglob("*") if p.is_file())
+    assert {p.name for p in written} >= {"runs.csv", "summary.csv", "metadata.json"}
+    assert "chat_model" in (out / "runs.csv").read_text()  # the workload ran on the chat model, authenticated
+    leaks = [p.name for p in written if KEY in p.read_text(errors="replace")]
+    assert not leaks and KEY not in proc.stdout + proc.stderr
+    assert KEY not in keyed_server.log_path.read_text(errors="replace")
+
+
+@pytest.mark.parametrize("env", [{"MY_VLLM_KEY": "sk-wrong"}, {}])
+def test_a_wrong_or_missing_key_through_chains_run_is_one_line_and_a_non_zero_exit(keyed_server, tmp_path, env):
+    extra = ("--api-key-env", "MY_VLLM_KEY") if env else ()
+    proc = _run_cli(keyed_server, tmp_path / "out", env, *extra)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "401" in errors[0] and "Traceback" not in proc.stderr
+    assert ("wrong" if env else "OPENAI_API_KEY") in errors[0] and KEY not in proc.stderr

@@ -40,3 +40,74 @@ def test_the_budget_trips_on_joules_or_on_joules_per_token():
 def test_the_energy_summary_is_part_of_the_agent_state():
     assert "energy" in EnergyBudgetState.__annotations__
     assert EnergyBudgetMiddleware.state_schema is EnergyBudgetState
+
+
+class CountingHandler:
+    """Test double of the energy handler: counts `energy_of` look-ups and answers each with 2 J."""
+
+    def __init__(self) -> None:
+        self.lookups = 0
+
+    def energy_of(self, run_id):
+        self.lookups += 1
+        return {"energy_j": 2.0, "energy_measured_j": 0.0, "provenance": {"cpu": "estimated:test"}}
+
+
+def test_the_energy_on_our_models_messages_is_read_without_asking_the_ledger():
+    import uuid
+
+    from langchain_core.messages import AIMessage
+
+    handler = CountingHandler()
+    mw = EnergyBudgetMiddleware(budget_j=100.0, handler=handler)
+    ours = AIMessage(content="hi", usage_metadata={"input_tokens": 3, "output_tokens": 4, "total_tokens": 7},
+                     response_metadata={"energy": {"energy_j": 5.0, "energy_measured_j": 0.0,
+                                                   "provenance": {"cpu": "estimated:on-message"}}})
+    summary = mw._add_call(mw._fresh(), [uuid.uuid4()], [ours], fallback=False)
+    assert handler.lookups == 0 and summary["energy_j"] == 5.0 and summary["output_tokens"] == 4
+    assert summary["provenance"] == {"cpu": "estimated:on-message"}
+    # Another chat model's message carries no energy: the handler's split is used instead.
+    summary = mw._add_call(summary, [uuid.uuid4()], [AIMessage(content="hi")], fallback=False)
+    assert handler.lookups == 1 and summary["energy_j"] == 7.0 and summary["model_calls"] == 2
+
+
+def test_a_spent_budget_ends_the_run_with_a_message_and_no_further_model_call():
+    from langchain.agents import create_agent
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessage, ToolMessage
+    from langchain_core.messages.tool import tool_call
+    from langchain_core.outputs import ChatGeneration, ChatResult
+    from langchain_core.tools import tool
+
+    @tool
+    def noop(x: str) -> str:
+        """Do nothing."""
+        return "done"
+
+    class CostlyChat(BaseChatModel):
+        """Test double of one of our chat models: each answer calls a tool and carries 5 J on the message."""
+
+        calls: int = 0
+
+        @property
+        def _llm_type(self) -> str:
+            return "costly-fake"
+
+        def bind_tools(self, tools, **kwargs):
+            return self
+
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+            self.calls += 1
+            message = AIMessage(content="", tool_calls=[tool_call(name="noop", args={"x": "a"}, id=f"c{self.calls}")],
+                                usage_metadata={"input_tokens": 3, "output_tokens": 2, "total_tokens": 5},
+                                response_metadata={"energy": {"energy_j": 5.0, "energy_measured_j": 0.0,
+                                                              "provenance": {"cpu": "estimated:test"}}})
+            return ChatResult(generations=[ChatGeneration(message=message)])
+
+    model = CostlyChat()
+    agent = create_agent(model, tools=[noop], middleware=[EnergyBudgetMiddleware(budget_j=1.0)])
+    state = agent.invoke({"messages": [("user", "go")]})
+    assert model.calls == 1
+    assert [type(m).__name__ for m in state["messages"]] == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
+    assert isinstance(state["messages"][2], ToolMessage) and "energy budget is spent" in state["messages"][-1].content
+    assert state["energy"]["energy_j"] == 5.0 and state["energy"]["model_calls"] == 1 and state["energy"]["exhausted"]

@@ -153,3 +153,11 @@ def test_tokens_are_counted_with_the_served_models_tokenizer():
     chat = ChatServing()
     assert chat.get_num_tokens("Hello world") == 2
     assert chat.get_num_tokens_from_messages([HumanMessage("Hello world")]) > 2
+
+
+def test_every_sampling_knob_reaches_the_chat_model():
+    from chains.harness.knobs import KNOBS
+    from langchain_energy.chat_models import ChatServing
+
+    sampling = [k for k in KNOBS.values() if k.target == "sampling"]
+    assert sampling and all(k.to in ChatServing.model_fields for k in sampling)

@@ -140,3 +140,25 @@ def test_knob_flags_come_from_the_registry_and_are_typed_by_it(tmp_path):
                                           "--temperature", "0", "--power-cap", "250.0"])
     s = run.settings_from_args(args)
     assert (s.batch_size, s.ignore_eos, s.prefix_caching, s.temperature, s.power_cap_w) == (4, True, False, 0, 250)
+
+
+def test_an_api_key_env_that_is_not_set_is_one_line_before_anything_starts(tmp_path, capsys, no_engine, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    _bad(["search", "--base-url", "http://127.0.0.1:9/v1", "--api-key-env", "NO_SUCH_KEY_VAR", "--out",
+          str(tmp_path / "o")], capsys, "NO_SUCH_KEY_VAR")
+
+
+def test_the_workloads_run_on_the_chat_model_with_every_sampling_knob_and_the_key(monkeypatch):
+    from chains.harness.settings import RunSettings
+    from langchain_energy.chat_models import ChatServing
+    from langchain_energy.llms import ServingLLM
+
+    monkeypatch.setenv("MY_SERVER_KEY", "sk-unit-test")
+    settings = RunSettings(workload="search", backend="openai", base_url="http://127.0.0.1:9/v1", temperature=0.25,
+                           ignore_eos=True, seed=3)
+    chat = run._make_llm(settings, None, run.api_key_from_env("MY_SERVER_KEY"))
+    assert isinstance(chat, ChatServing)
+    assert (chat.temperature, chat.ignore_eos, chat.seed) == (0.25, True, 3)
+    assert chat.api_key.get_secret_value() == "sk-unit-test" and "sk-unit-test" not in repr(chat)
+    parrot = run._make_llm(RunSettings(workload="summarize", backend="parrot", base_url="http://127.0.0.1:9"), None)
+    assert isinstance(parrot, ServingLLM)  # Parrot's semantic calls stay completion-style

@@ -72,3 +72,103 @@ def test_one_user_still_runs_a_tasks_modules_in_parallel_but_tasks_one_at_a_time
     asyncio.run(wl.ainvoke(["snake", "todo"]))
     # Each task has three modules; a second task in flight at once would push the peak past three.
     assert llm.peak_in_flight == 3
+
+
+# -- the tool-using engineer ---------------------------------------------------------------------------------
+from typing import Any  # noqa: E402
+
+from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
+from langchain_core.language_models import BaseChatModel  # noqa: E402
+from langchain_core.messages import AIMessage, ToolMessage  # noqa: E402
+from langchain_core.messages.tool import invalid_tool_call, tool_call  # noqa: E402
+from langchain_core.outputs import ChatGeneration, ChatResult  # noqa: E402
+
+from chains.workloads.agentic import check_syntax  # noqa: E402
+
+
+class ToolCallingFakeChat(BaseChatModel):
+    """Test double of a tool-calling chat model: with a forced tool bound it calls it with ``code``; otherwise text.
+
+    ``cut`` makes its tool call come back incomplete, as a call cut at the token cap does.
+    """
+
+    code: str = "def add(a, b):\n    return a + b\n"
+    cut: bool = False
+    seen: list = []
+
+    @property
+    def _llm_type(self) -> str:
+        return "tool-calling-fake"
+
+    def bind_tools(self, tools, *, tool_choice=None, **kwargs):
+        return self.bind(tools=[t.name for t in tools], tool_choice=tool_choice, **kwargs)
+
+    def _generate(self, messages, stop=None, run_manager=None, tools=None, tool_choice=None, **kwargs):
+        self.seen.append((messages[-1].content, tool_choice))
+        if tools and self.cut:
+            message = AIMessage(content="", invalid_tool_calls=[invalid_tool_call(
+                name=tool_choice, args='{"code": "def add(a, b):\\n    return (a +', id="call_cut", error="cut")])
+        elif tools:
+            message = AIMessage(content="", tool_calls=[tool_call(name=tool_choice, args={"code": self.code},
+                                                                   id=f"call_{len(self.seen)}")])
+        else:
+            message = AIMessage(content="a reply")
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+class ToolRuns(BaseCallbackHandler):
+    """Records the tool runs and model calls that LangChain reports."""
+
+    def __init__(self) -> None:
+        self.tools: list[str] = []
+        self.models = 0
+
+    def on_tool_start(self, serialized, input_str, **kwargs: Any) -> None:
+        self.tools.append(serialized.get("name"))
+
+    def on_chat_model_start(self, serialized, messages, **kwargs: Any) -> None:
+        self.models += 1
+
+
+def test_check_syntax_parses_without_running_the_code():
+    assert check_syntax.invoke({"code": "import os\nos.remove('/nonexistent')\n"}) == "ok"
+    assert check_syntax.invoke({"code": "def f(:\n  pass"}).startswith("SyntaxError: ")
+    assert "(line 2)" in check_syntax.invoke({"code": "x = 1\ny = (\n"})
+
+
+def test_a_tool_calling_engineer_round_trips_through_its_syntax_check():
+    model = ToolCallingFakeChat(seen=[])
+    runs = ToolRuns()
+    out = asyncio.run(build_agentic_graph(model, rounds=1).ainvoke({"task": "snake"}, {"callbacks": [runs]}))
+    # One forced call per engineer, one tool run per engineer; the tool runs are not model calls.
+    assert out["tool_calls"] == 3 and runs.tools == ["check_syntax"] * 3
+    assert out["calls"] == runs.models == calls_per_task(3, 1)
+    assert sum(1 for _, choice in model.seen if choice == "check_syntax") == 3
+    assert [r["syntax"] for r in out["results"]] == ["ok"] * 3
+    # The code the engineers submitted to the tool, and the tool's verdict, come back to the team: the reviewers
+    # read both.
+    reviews = [text for text, choice in model.seen if text.startswith("You are a code reviewer")]
+    assert len(reviews) == 3 and all(model.code in r and "Syntax check of the module: ok" in r for r in reviews)
+
+
+def test_a_call_cut_at_the_cap_is_still_answered_on_its_partial_code():
+    runs = ToolRuns()
+    out = asyncio.run(build_agentic_graph(ToolCallingFakeChat(cut=True, seen=[]), rounds=0).ainvoke(
+        {"task": "todo"}, {"callbacks": [runs]}))
+    assert out["tool_calls"] == 3 and runs.tools == ["check_syntax"] * 3
+    assert all(r["code"].startswith("def add(a, b):") and r["syntax"].startswith("SyntaxError")
+               for r in out["results"])
+
+
+def test_the_engineers_history_holds_its_tool_call_and_the_tool_message():
+    from chains.workloads.agentic import _module_graph
+
+    async def updates():
+        graph = _module_graph(ToolCallingFakeChat(seen=[]))
+        state = {"brief": "b", "design": "d", "module": "m", "rounds": 0, "code_tokens": 8, "review_tokens": 8}
+        return [u async for u in graph.astream(state, stream_mode="updates")]
+
+    checked = next(u["check"] for u in asyncio.run(updates()) if "check" in u)
+    prompt, call, answer = checked["messages"]
+    assert call.tool_calls[0]["name"] == "check_syntax" and isinstance(answer, ToolMessage)
+    assert answer.tool_call_id == call.tool_calls[0]["id"] and answer.content == "ok"
