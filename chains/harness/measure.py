@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
@@ -154,9 +156,12 @@ class UserWorkflow:
 
 
 def measure_command(args: argparse.Namespace) -> int:
-    """Validate, start the engine, load the target against it, run the trials, write the results."""
-    from chains.harness.session import output_dir, print_session, run_session, write_session
-    from langchain_energy.backends.vllm_server import EngineConfig, VLLMServer
+    """Validate, start the engine, load the target against it, run the trials, write the results.
+
+    Everything that can be checked without the engine is, before the output directory is made; a target that
+    fails later (while it loads against the engine, or on its inputs) removes the directory this made.
+    """
+    from chains.harness.session import output_dir
 
     # Everything that can fail on bad input, before any engine starts.
     if args.users < 1 or args.repeats < 1:
@@ -166,7 +171,23 @@ def measure_command(args: argparse.Namespace) -> int:
     power_cap = PowerCap.for_mode(args.power_cap_mode)
     cap_w = knobs.get("power_cap_w")
     power_cap.preflight([cap_w] if cap_w is not None else [])
+    made = args.out is None or not Path(args.out).exists()
     out = output_dir(args.out, "measure")
+    try:
+        return _measure(args, user, knobs, power_cap, cap_w, out)
+    except ConfigError:
+        # The target failed to load or to run (the engine's own failures keep their log): leave nothing behind.
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _measure(args: argparse.Namespace, user: UserWorkflow, knobs: dict[str, Any], power_cap: PowerCap,
+             cap_w: Any, out: Path) -> int:
+    """Start the engine (or use ``--base-url``), run the trials with the target bound to it, write the results."""
+    from chains.harness.session import print_session, run_session, write_session
+    from langchain_energy.backends.vllm_server import EngineConfig, VLLMServer
+
     server = None
     if args.base_url is None:
         server = VLLMServer(EngineConfig(model=args.model, max_model_len=args.max_model_len, seed=args.seed,

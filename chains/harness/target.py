@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import json
@@ -98,6 +99,7 @@ def locate_target(spec: str, config: str | Path | None = None) -> str:
     if _is_file(where):
         if not Path(where).is_file():
             raise ConfigError(f"target {spec!r}: no file {where}")
+        check_source(Path(where), spec, sibling_folder=Path(where).resolve().parent)
         return spec
     try:
         found = importlib.util.find_spec(where)
@@ -105,7 +107,42 @@ def locate_target(spec: str, config: str | Path | None = None) -> str:
         raise ConfigError(f"cannot import target {spec!r}: {first_line(exc)}") from None
     if found is None:
         raise ConfigError(f"cannot import target {spec!r}: no module named {where!r}")
+    if found.origin and found.origin.endswith(".py") and Path(found.origin).is_file():
+        check_source(Path(found.origin), spec)
     return spec
+
+
+def check_source(path: Path, spec: str, sibling_folder: Path | None = None) -> None:
+    """Refuse a target whose source cannot import, without running it: a syntax error, or a module it imports
+    at its top level (outside ``try``) that is not installed (nor, for a file, a sibling of it).
+
+    What only running the module can tell (an error it raises while loading) is found when it is imported.
+
+    Raises:
+        ConfigError: ``cannot import target ...`` naming the line.
+    """
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as exc:
+        raise ConfigError(f"cannot import target {spec!r}: SyntaxError: {exc.msg} ({path.name}, line {exc.lineno})") \
+            from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"cannot import target {spec!r}: {first_line(exc)}") from None
+    for node in tree.body:  # module level only: imports inside try or functions may be optional
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+        for name in names:
+            top = name.split(".")[0]
+            if sibling_folder is not None and ((sibling_folder / f"{top}.py").is_file()
+                                               or (sibling_folder / top).is_dir()):
+                continue
+            try:
+                found = importlib.util.find_spec(top)
+            except (ImportError, ValueError):
+                found = None
+            if found is None:
+                raise ConfigError(f"cannot import target {spec!r}: no module named {top!r} "
+                                  f"({path.name}, line {node.lineno})")
 
 
 def _is_file(where: str) -> bool:

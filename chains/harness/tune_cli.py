@@ -6,7 +6,8 @@ Writes into DIR the study (``tune.db``, SQLite: rerun the same command to resume
 store format: ``sweep.json``, ``trials/``), ``configs.csv``, ``pareto.csv``, ``pareto.png`` and
 ``recommendation.json``, and prints the Pareto front, the recommended configuration, its saving against the
 default configuration (95% CIs) and the command that measures it again. ``--oracle STORE`` searches the
-trials of committed sweep stores instead of running an engine.
+trials of committed sweep stores instead of running an engine. With ``--time-budget`` the search stops
+starting configurations when the time is spent and reports what it measured; rerunning resumes it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=tuple(OBJECTIVES), default="energy",
                    help="what to minimise: energy per trial (J) or energy per generated token (J/token)")
     p.add_argument("--slo", default=None, metavar="METRIC<=X",
-                   help="what the recommended configuration must meet, e.g. 'p90_latency_s<=20' "
+                   help="what the recommended configuration must meet, e.g. 'p90_latency_s<=20', or "
+                   "'p90_latency_s<=default': no worse than the default configuration, measured first "
                    "(pNN_latency_s: workflows; pNN_call_latency_s: LLM calls; or a mean such as latency_s)")
     p.add_argument("--trials", type=int, default=30, help="configurations to measure, each with --repeats trials")
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
@@ -84,6 +86,12 @@ def main(argv: Sequence[str] | None = None, objective_factory: Callable[[argpars
         if args.repeats < 1:
             raise ConfigError(f"--repeats must be a positive integer, got {args.repeats}")
         objective = (objective_factory or objective_from_args)(args)
+        if args.ray is not None and not args.oracle:  # each configuration on a Ray worker, as `sweep --ray`
+            from chains.harness.sweep_cli import engine_runner_maker, executor_from_args
+
+            fixed = getattr(objective, "fixed", {}) or {}
+            objective.executor = executor_from_args(args, engine_runner_maker(
+                fixed.get("engine", {}), args.parrot_url, fixed.get("target"), args.zeusd))
         result = tune(objective, args.out, args.objective, slo, args.trials, args.seed)
         paths = write_outputs(result, args.out)
     except EnergyError as exc:

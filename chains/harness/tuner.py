@@ -2,8 +2,11 @@
 
 ``python -m chains.run tune --workload search --objective energy --slo 'p90_latency_s<=20' --trials 30 --out DIR``
 
-Optuna's TPE sampler (multi-objective: the energy objective and a latency metric, seeded, with the SLO as a
-constraint) proposes configurations of the knobs in `chains.harness.knobs.TUNE_VALUES`; each one runs with
+The default configuration is measured first; then every configuration when the space fits in the budget,
+else coordinate descent from the best configuration so far (one knob, one step at a time), and Optuna's TPE
+sampler (multi-objective: the energy objective and a latency metric, seeded, with the SLO as a constraint)
+whenever that reaches a local optimum (see `tune`). The configurations are of the knobs in
+`chains.harness.knobs.TUNE_VALUES`; each one runs with
 repeats through the sweep machinery (`chains.harness.sweep.run_configs`) into a results store in ``DIR``, so
 the trials are in the store format that ``tables``, ``plot`` and `ResultStore.aggregate` read, with 95% CIs.
 The study lives in ``DIR/tune.db`` (SQLite): a killed tune resumes where it stopped, and a configuration
@@ -16,7 +19,7 @@ the benchmark search recorded data, fast, without an engine).
 
 Example:
     >>> parse_slo("p90_latency_s<=20")
-    SLO(metric='p90_latency_s', op='<=', threshold=20.0)
+    SLO(metric='p90_latency_s', op='<=', threshold=20.0, relative=None)
     >>> parse_slo("p90_latency_s<=20").violation(25.0)
     5.0
 """
@@ -29,6 +32,7 @@ import os
 import re
 import shlex
 import tempfile
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +50,7 @@ from chains.harness.store import ResultStore, SweepSpec, write_json_atomic, writ
 from chains.harness.sweep import SweepConfig, TrialRunner, preflight, run_configs
 from chains.harness.tables import METRICS, load_workflows, tagged, trial_metrics
 from langchain_energy.errors import ConfigError, DataError, InfeasibleConfigError
+from langchain_energy.ledger import CALL_KINDS
 from langchain_energy.power import PowerCap
 
 STUDY_NAME = "tune"  # one study per directory: the name is fixed so that a rerun finds it
@@ -53,7 +58,7 @@ DB_NAME = "tune.db"
 OBJECTIVES: dict[str, str] = {"energy": "energy_j", "energy-per-token": "energy_per_token_j"}
 DEFAULT_LATENCY = "p90_latency_s"
 _PERCENTILE = re.compile(r"^p(\d{1,2}(?:\.\d+)?)_(call_)?latency_s$")
-_SLO = re.compile(r"^\s*([A-Za-z0-9_.]+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
+_SLO = re.compile(r"^\s*([A-Za-z0-9_.]+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+|default)\s*$")
 
 
 # -- SLO ------------------------------------------------------------------------------------------------
@@ -71,17 +76,25 @@ def known_metric(name: str) -> bool:
 class SLO:
     """A service-level objective on one metric of a configuration, e.g. ``p90_latency_s<=20``.
 
+    ``p90_latency_s<=default`` takes the threshold from the default configuration, measured first
+    (`relative` is ``"default"`` until `resolved` gives it the number).
+
     Example:
         >>> SLO("p90_latency_s", "<=", 20.0).met(19.5)
         True
+        >>> parse_slo("p90_latency_s<=default").resolved(12.5).threshold
+        12.5
     """
 
     metric: str
     op: str
     threshold: float
+    relative: str | None = None
 
     def violation(self, value: float) -> float:
         """How far ``value`` is on the wrong side of the threshold (<= 0: met); NaN counts as missed."""
+        if self.relative is not None:
+            raise ConfigError(f"SLO {self} is not resolved: measure the default configuration first")
         if value is None or not math.isfinite(value):
             return math.inf
         gap = value - self.threshold if self.op in ("<=", "<") else self.threshold - value
@@ -92,23 +105,30 @@ class SLO:
         """Whether ``value`` meets the SLO."""
         return self.violation(value) <= 0
 
+    def resolved(self, threshold: float) -> SLO:
+        """This SLO with its threshold set (a relative one, from the default configuration's value)."""
+        return SLO(self.metric, self.op, float(threshold))
+
     def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.threshold:g}"
+        return f"{self.metric}{self.op}{self.relative if self.relative else format(self.threshold, 'g')}"
 
 
 def parse_slo(text: str) -> SLO:
-    """Parse ``METRIC<=NUMBER`` (also ``<``, ``>=``, ``>``).
+    """Parse ``METRIC<=NUMBER`` (also ``<``, ``>=``, ``>``), or ``METRIC<=default``: the default configuration's value.
 
     Raises:
         ConfigError: the text does not parse, or names an unknown metric.
     """
     m = _SLO.match(text or "")
     if m is None:
-        raise ConfigError(f"SLO {text!r} does not parse; write METRIC<=NUMBER, e.g. 'p90_latency_s<=20'")
+        raise ConfigError(f"SLO {text!r} does not parse; write METRIC<=NUMBER, e.g. 'p90_latency_s<=20' "
+                          "(or METRIC<=default)")
     metric, op, number = m.groups()
     if not known_metric(metric):
         raise ConfigError(f"SLO names unknown metric {metric!r}; known: {', '.join(METRICS)}, "
                           "pNN_latency_s, pNN_call_latency_s")
+    if number == "default":
+        return SLO(metric, op, math.nan, relative="default")
     try:
         threshold = float(number)
     except ValueError:
@@ -164,7 +184,7 @@ def evaluate_records(config: Mapping[str, Any], records: Sequence[TrialRecord]) 
     metrics.update({f"{m}_ci": float(row[f"{m}_ci"]) for m in METRICS})
     workflow = pd.to_numeric(load_workflows(ok).get("latency_s"), errors="coerce").dropna()
     runs = tagged(ok, "runs")
-    calls = runs[runs["kind"] == "llm"] if "kind" in runs else runs
+    calls = runs[runs["kind"].isin(CALL_KINDS)] if "kind" in runs else runs  # completions and chat
     call = pd.to_numeric(calls.get("latency_s", pd.Series(dtype=float)), errors="coerce").dropna()
     for p in (50, 90, 95, 99):
         metrics[f"p{p}_latency_s"] = float(np.percentile(workflow, p)) if len(workflow) else math.nan
@@ -215,6 +235,20 @@ def _fmt(value: Any) -> str:
     return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
+class _Held:
+    """A trial runner whose ``close`` leaves the engine up: `run_configs` closes its runner after every call,
+    and the tuner calls it once per configuration; `StoreObjective.close` stops the engine at the end."""
+
+    def __init__(self, runner: TrialRunner) -> None:
+        self.runner = runner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def close(self) -> None:
+        """Nothing: the engine is stopped by `StoreObjective.close`."""
+
+
 class StoreObjective:
     """Runs each configuration with repeats through `run_configs` into a `ResultStore`, then reads it back.
 
@@ -234,7 +268,8 @@ class StoreObjective:
         default: the default configuration (default: each knob's value in ``defaults``).
         power_cap: applies (or records) power caps.
         progress: show the trials' progress bar.
-        deadline: a ``time.monotonic()`` instant after which no trial starts.
+        deadline: a ``time.monotonic()`` instant after which no trial starts, nor a configuration that the
+            longest one so far says would not end before it.
 
     Example:
         >>> StoreObjective  # doctest: +SKIP
@@ -257,6 +292,7 @@ class StoreObjective:
         self.power_cap = power_cap or PowerCap(dry_run=True)
         self.progress = progress
         self.deadline = deadline
+        self._longest_s = 0.0  # the longest configuration so far (engine start and repeats), for the deadline
         self.store = ResultStore(out)
         names = list(self._space)
         settings = {**self.fixed["settings"], **{knob(k).field: v for k, v in self._fixed_knobs.items()}}
@@ -311,12 +347,23 @@ class StoreObjective:
     def evaluate(self, config: Mapping[str, Any]) -> Evaluation:
         """Run the missing repeats of ``config`` and evaluate all of them."""
         sc = self.sweep_config(config)
+        if self.deadline is not None and len(self.records(sc)) < self.repeats \
+                and time.monotonic() + self._longest_s > self.deadline:
+            # Judged by the longest configuration so far: one that cannot end in time is not started.
+            raise TimeoutError("the time budget cannot fit another configuration")
+        started = time.monotonic()
         with self.store.writer():  # one writer per directory, as for sweeps
-            run_configs([sc], self.repeats, self.store, self.runner, self.power_cap, self.progress, self.deadline)
+            run_configs([sc], self.repeats, self.store, _Held(self.runner), self.power_cap, self.progress,
+                        self.deadline, getattr(self, "executor", None))  # tune --ray: a RayExecutor
+        self._longest_s = max(self._longest_s, time.monotonic() - started)
         records = self.records(sc)
         if len(records) < self.repeats and not any(r.status == STATUS_INFEASIBLE for r in records):
             raise TimeoutError("the time budget ran out before this configuration finished")
         return evaluate_records(dict(config), records)
+
+    def close(self) -> None:
+        """Stop the runner's engine (kept up between configurations, so one with the same engine reuses it)."""
+        self.runner.close()
 
     def reproduce(self, config: Mapping[str, Any], out: str) -> list[str]:
         """``python -m chains.run sweep`` of ``config`` alone: same settings, engine, repeats and store format."""
@@ -327,8 +374,13 @@ class StoreObjective:
         cmd = ["python", "-m", "chains.run", "sweep", "--workload", self.workload,
                "--knob", f"{first}={_fmt(knobs[first])}"]
         cmd += [a for k in rest for a in ("--set", f"{k}={_fmt(knobs[k])}")]
-        cmd += [a for k, v in sorted(self.fixed["settings"].items()) if k != "workload" and v is not None
-                and not isinstance(v, (list, dict)) for a in ("--setting", f"{k}={v}")]
+        by_field = {k.field: k.name for k in KNOBS.values()}
+        held = {k: v for k, v in self.fixed["settings"].items() if k != "workload" and v is not None
+                and not isinstance(v, (list, dict))}
+        # A knob held fixed (--set) goes back as --set: the sweep refuses a knob given as a --setting.
+        cmd += [a for k, v in sorted(held.items()) if k in by_field and by_field[k] not in knobs
+                for a in ("--set", f"{by_field[k]}={_fmt(v)}")]
+        cmd += [a for k, v in sorted(held.items()) if k not in by_field for a in ("--setting", f"{k}={v}")]
         cmd += [a for k, v in sorted(self.fixed["engine"].items()) if k not in set_by_knobs and v is not None
                 for a in ("--engine-arg", f"{k}={v}")]
         target = self.fixed.get("target")
@@ -358,17 +410,21 @@ class EngineObjective(StoreObjective):
                                    log_dir=str(out))
         defaults = runner.defaults()
         super().__init__(out, workload, space, runner, repeats, defaults=defaults, fixed=fixed,
-                         default=options.pop("default", None) or engine_default(space, {**defaults, **fixed["settings"]}),
+                         default=options.pop("default", None) or engine_default(
+                             space, {**defaults, **fixed["settings"]}, fixed["engine"]),
                          **options)
 
 
-def engine_default(space: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Each searched knob's default: its run setting, else (an engine knob left unset) the engine's default."""
+def engine_default(space: Mapping[str, Any], settings: Mapping[str, Any],
+                   engine_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Each searched knob's default: its run setting, else (an engine knob left unset) the sweep's fixed engine
+    argument (``--engine-arg``), else the engine's default."""
     import dataclasses
 
     from langchain_energy.backends.vllm_server import EngineConfig
 
     engine = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    engine.update({k: v for k, v in (engine_args or {}).items() if v is not None})
     out = {}
     for name in space:
         k = knob(name)
@@ -540,6 +596,7 @@ class TuneResult:
         saving: the winner against the default (see `compare`).
         command: the command line that measures the winner again.
         measured: configurations measured (each with its repeats); ``proposals`` the sampler's trials.
+        stopped: why the search stopped before its budget ("" when it did not).
     """
 
     table: pd.DataFrame
@@ -553,6 +610,7 @@ class TuneResult:
     objective: str
     latency: str
     slo: SLO | None
+    stopped: str = ""
 
 
 def compare(default: Sequence[float], winner: Sequence[float]) -> dict[str, float | bool]:
@@ -669,24 +727,38 @@ def _open_study(out: Path, seed: int, budget: int, identity: Mapping[str, Any]) 
 
 
 def tune(objective: Objective, out: str | os.PathLike[str], target: str = "energy", slo: SLO | None = None,
-         trials: int = 30, seed: int = 0, latency: str | None = None) -> TuneResult:
+         trials: int = 30, seed: int = 0, latency: str | None = None, warm_start: bool = True) -> TuneResult:
     """Search ``objective``'s space for the least ``target`` that meets ``slo``; resumable in ``out``.
+
+    The default configuration is measured first: the saving is against it, and an SLO such as
+    ``p90_latency_s<=default`` takes its threshold from it. When the whole space fits in the budget, every
+    configuration is measured (a grid). Otherwise the search is coordinate descent with TPE: from the
+    incumbent (the least objective that meets the SLO so far, else the configuration nearest to meeting it)
+    one knob moves one step at a time, each knob in turn (see `next_move`); a move that beats the incumbent
+    becomes the incumbent. When every one-step move of the incumbent has been measured (a local optimum),
+    Optuna's TPE sampler, fitted on every configuration measured so far, proposes the next one; if that one
+    wins, the moves start again from it. A few trials cannot teach TPE much, while one-knob moves from a
+    sensible default find the knobs that matter within a handful of configurations. The moves are enqueued
+    Optuna trials, so the study holds every configuration however it was chosen.
 
     Args:
         objective: what measures a configuration (`EngineObjective`, `RecordedObjective`, ...).
         out: the directory of the study (``tune.db``) and of the objective's store.
         target: ``energy`` or ``energy-per-token``.
         slo: the SLO every recommended configuration meets (None: none).
-        trials: configurations to measure in all (the default one included when it lies in the space);
-            a proposal of one already measured is answered from the study, not measured again.
+        trials: configurations to measure in all, the default one included (measured first even where it lies
+            outside the space: an engine knob the engine sets itself); a proposal of one already measured is
+            answered from the study, not measured again.
         seed: the sampler's seed.
         latency: the second objective (default: the SLO's metric if it is a latency, else p90 latency).
+        warm_start: False for plain TPE after the default (the search before coordinate descent; the
+            benchmark compares the two).
 
     Raises:
-        ConfigError: a bad target or trial count, an empty or missing search space, another tune in ``out``.
+        ConfigError: a bad target or trial count, an empty or missing search space, another tune in ``out``,
+            an SLO relative to a default configuration that did not run.
+        TimeoutError: the objective's time budget ran out before the default configuration was measured.
     """
-    from optuna.trial import TrialState
-
     if target not in OBJECTIVES:
         raise ConfigError(f"unknown objective {target!r}; choose one of: {', '.join(OBJECTIVES)}")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
@@ -700,72 +772,210 @@ def tune(objective: Objective, out: str | os.PathLike[str], target: str = "energ
     metric = OBJECTIVES[target]
     latency = latency or (slo.metric if slo is not None and "latency" in slo.metric else DEFAULT_LATENCY)
     out = Path(out)
-    dists = _distributions(space)
-    size = math.prod(len(v) for v in space.values())
     identity = {"workload": objective.workload, "objective": target, "slo": str(slo) if slo else None,
                 "latency": latency, "space": {k: list(v) for k, v in space.items()}, "repeats": objective.repeats,
-                "fixed": objective.fixed_knobs(), "seed": seed}
+                "fixed": objective.fixed_knobs(), "seed": seed, "search": "descent+tpe" if warm_start else "tpe"}
     study = _open_study(out, seed, trials, identity)
     if hasattr(objective, "prepare"):
         objective.prepare()  # type: ignore[attr-defined]
+    try:
+        search = _Search(objective, study, space, metric, latency, slo, trials, warm_start)
+        search.run()
+    finally:
+        if hasattr(objective, "close"):
+            objective.close()  # type: ignore[attr-defined]
+    return search.result(out)
+
+
+class _Search:
+    """One call of `tune`: the study's trials, the default's evaluation, and the loop that proposes and measures."""
+
+    def __init__(self, objective: Objective, study: Any, space: dict[str, list[Any]], metric: str, latency: str,
+                 slo: SLO | None, trials: int, warm_start: bool) -> None:
+        self.objective, self.study, self.space = objective, study, space
+        self.metric, self.latency, self.slo, self.warm_start = metric, latency, slo, warm_start
+        self.dists = _distributions(space)
+        self.size = math.prod(len(v) for v in space.values())
+        self.trials = trials
+        self.done: dict[str, Any] = {}  # config key -> the study's trial that measured it
+        self.evals: dict[str, Evaluation] = {}
+        self.default = objective.default()
+        self.default_ev: Evaluation | None = None  # measured outside the space (else it is in self.evals)
+        self.proposals = 0
+        self.stopped = ""
+
+    def key(self, config: Mapping[str, Any]) -> str:
+        return json.dumps({k: config.get(k) for k in self.space}, sort_keys=True, default=str)
+
+    def run(self) -> None:
+        from optuna.trial import TrialState
+
+        study = self.study
+        for t in study.get_trials(deepcopy=False):
+            if t.state == TrialState.RUNNING:
+                # A tune killed mid-configuration: the store keeps its finished repeats; measure the rest first.
+                study.tell(t.number, state=TrialState.FAIL)
+                study.enqueue_trial(dict(t.params))
+            elif t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get("measured"):
+                self.done[t.user_attrs["config_key"]] = t
+        budget = min(self.trials, self.size)
+        default_params = _params(self.default, self.space, self.dists)
+        if default_params is None:
+            # Outside the space (a knob the engine sets itself): measured first all the same, and counted.
+            self.default_ev = self.objective.evaluate(self.default)
+            budget = min(self.trials - 1, self.size)
+        elif self.key(self.default) not in self.done and not study.user_attrs.get("default_enqueued"):
+            study.enqueue_trial(default_params)  # measured first: the saving is against it
+            study.set_user_attr("default_enqueued", True)
+        self._resolve_slo()
+        self.proposals = len(study.trials)
+        cap = self.proposals + 20 * self.trials + self.size  # a sampler stuck on measured configurations stops here
+        while len(self.done) < budget and self.proposals < cap:
+            if self.warm_start and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                move = next_move(self.space, self._measured(), self.default, grid=self.size <= budget)
+                if move is not None:
+                    study.enqueue_trial(_params(move, self.space, self.dists))
+            trial = study.ask(dict(self.dists))
+            self.proposals += 1
+            config = _config_of(trial.params, self.space, self.dists)
+            k = self.key(config)
+            seen = self.done.get(k)
+            if seen is not None:  # answered from the study: measuring it again would repeat finished trials
+                trial.set_user_attr("duplicate_of", seen.number)
+                _set_constraint(trial, seen.user_attrs.get("constraint", [0.0]))
+                if seen.state == TrialState.PRUNED:
+                    study.tell(trial, state=TrialState.PRUNED)
+                else:
+                    study.tell(trial, list(seen.values))
+                continue
+            try:
+                ev = self.objective.evaluate(config)
+            except TimeoutError:
+                study.tell(trial, state=TrialState.FAIL)
+                study.enqueue_trial(dict(trial.params))  # the rerun measures it first
+                if self._default_ev() is None:
+                    raise  # nothing to compare against: no result yet
+                self.stopped = "the time budget ran out; rerun the same command to resume"
+                break
+            self.evals[k] = ev
+            self._resolve_slo()
+            values, violation = self._outcome(ev)
+            for name, value in (("config_key", k), ("config", json.loads(k)), ("status", ev.status),
+                                ("reason", ev.reason), ("measured", True)):
+                trial.set_user_attr(name, value)
+            _set_constraint(trial, [violation])
+            if values is None or not all(math.isfinite(v) for v in values):
+                study.tell(trial, state=TrialState.PRUNED)  # out of memory (or nothing measured): no values to model
+            else:
+                study.tell(trial, values)
+            self.done[k] = study.get_trials(deepcopy=False)[trial.number]
+
+    def _default_ev(self) -> Evaluation | None:
+        """The default configuration's evaluation, if it was measured (read back from the store on a resume)."""
+        if self.default_ev is not None:
+            return self.default_ev
+        k = self.key(self.default)
+        if k not in self.evals and k in self.done:
+            self.evals[k] = self.objective.evaluate(self.done[k].user_attrs["config"])
+        return self.evals.get(k)
+
+    def _resolve_slo(self) -> None:
+        """Give an SLO relative to the default configuration its threshold, once the default is measured."""
+        if self.slo is None or self.slo.relative is None:
+            return
+        ev = self._default_ev()
+        if ev is None:
+            return
+        if not ev.ok:
+            raise ConfigError(f"the SLO {self.slo} needs the default configuration, which did not run "
+                              f"({ev.reason}); give the SLO a number")
+        self.slo = self.slo.resolved(metric_of(ev, self.slo.metric))
+
+    def _outcome(self, ev: Evaluation) -> tuple[list[float] | None, float]:
+        if not ev.ok:
+            return None, 1.0
+        values = [ev.metric(self.metric), metric_of(ev, self.latency)]
+        violation = self.slo.violation(metric_of(ev, self.slo.metric)) if self.slo else 0.0
+        return values, min(violation, 1e12)
+
+    def _measured(self) -> list[tuple[dict[str, Any], float, float]]:
+        """(configuration, objective, SLO violation) of every measured configuration; infeasible ones: inf, inf."""
+        from optuna.trial import TrialState
+
+        out = []
+        for t in self.done.values():
+            ok = t.state == TrialState.COMPLETE
+            out.append((t.user_attrs["config"], float(t.values[0]) if ok else math.inf,
+                        float(_constraint(t)[0]) if ok else math.inf))
+        return out
+
+    def result(self, out: Path) -> TuneResult:
+        # Configurations measured before a resume are read back from the store: nothing runs again.
+        evaluations = [self.evals.get(k) or self.objective.evaluate(t.user_attrs["config"])
+                       for k, t in self.done.items()]
+        default = self._default_ev()
+        if default is None:
+            default = next((e for e in evaluations if self.key(e.config) == self.key(self.default)), None) \
+                or self.objective.evaluate(self.default)
+        if self.default_ev is not None:
+            evaluations.append(self.default_ev)
+        self._resolve_slo()
+        numbers = {k: t.number for k, t in self.done.items()}
+        res = _result(self.objective, out, evaluations, default, self.metric, self.latency, self.slo,
+                      len(evaluations), self.proposals, numbers, self.key)
+        res.stopped = self.stopped
+        return res
+
+
+def next_move(space: Mapping[str, Sequence[Any]], measured: Sequence[tuple[Mapping[str, Any], float, float]],
+              default: Mapping[str, Any], grid: bool = False) -> dict[str, Any] | None:
+    """The next configuration of the coordinate descent (or of the grid), or None when none is left to try.
+
+    The incumbent is the measured configuration with the least objective among those that meet the SLO
+    (violation <= 0), else the one with the least violation; an infeasible one (objective inf) only if nothing
+    else ran. Its one-step moves, each knob in turn: an ordered (numeric) knob to its next value up, then down;
+    a switch or category to each other value, in order; so every knob moves once before any moves twice. The
+    first move not yet measured is returned; None when all are (the incumbent is a local optimum). Before
+    anything is measured: the default (or, where a value lies outside the space, the nearest configuration in
+    it: the middle value of that knob).
+
+    Args:
+        space: knob -> values.
+        measured: (configuration, objective, SLO violation) of each measured configuration.
+        default: the default configuration.
+        grid: every configuration in order instead (the whole space fits in the budget).
+
+    Example:
+        >>> next_move({"b": [1, 2, 4], "e": [True, False]}, [({"b": 2, "e": True}, 10.0, 0.0)], {"b": 2, "e": True})
+        {'b': 4, 'e': True}
+    """
+    from itertools import product
 
     def key(config: Mapping[str, Any]) -> str:
         return json.dumps({k: config.get(k) for k in space}, sort_keys=True, default=str)
 
-    done: dict[str, Any] = {}
-    evals: dict[str, Evaluation] = {}
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.RUNNING:
-            # A tune killed mid-configuration: the store keeps its finished repeats; measure the rest first.
-            study.tell(t.number, state=TrialState.FAIL)
-            study.enqueue_trial(dict(t.params))
-        elif t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.user_attrs.get("measured"):
-            done[t.user_attrs["config_key"]] = t
-    default = objective.default()
-    default_params = _params(default, space, dists)
-    if default_params is not None and key(default) not in done and not study.user_attrs.get("default_enqueued"):
-        study.enqueue_trial(default_params)  # measured first: the saving is against it
-        study.set_user_attr("default_enqueued", True)
-
-    def outcome(ev: Evaluation) -> tuple[list[float] | None, float]:
-        if not ev.ok:
-            return None, 1.0
-        values = [ev.metric(metric), metric_of(ev, latency)]
-        violation = slo.violation(metric_of(ev, slo.metric)) if slo else 0.0
-        return values, min(violation, 1e12)
-
-    proposals = len(study.trials)
-    cap = proposals + 20 * trials + size  # a sampler stuck on measured configurations stops here
-    while len(done) < min(trials, size) and proposals < cap:
-        trial = study.ask(dict(dists))
-        proposals += 1
-        config = {**_config_of(trial.params, space, dists)}
-        k = key(config)
-        seen = done.get(k)
-        if seen is not None:  # answered from the study: measuring it again would repeat finished trials
-            trial.set_user_attr("duplicate_of", seen.number)
-            _set_constraint(trial, seen.user_attrs.get("constraint", [0.0]))
-            if seen.state == TrialState.PRUNED:
-                study.tell(trial, state=TrialState.PRUNED)
-            else:
-                study.tell(trial, list(seen.values))
-            continue
-        ev = evals[k] = objective.evaluate(config)
-        values, violation = outcome(ev)
-        for name, value in (("config_key", k), ("config", json.loads(k)), ("status", ev.status),
-                            ("reason", ev.reason), ("measured", True)):
-            trial.set_user_attr(name, value)
-        _set_constraint(trial, [violation])
-        if values is None or not all(math.isfinite(v) for v in values):
-            study.tell(trial, state=TrialState.PRUNED)  # out of memory (or nothing measured): no values to model
-        else:
-            study.tell(trial, values)
-        done[k] = study.get_trials(deepcopy=False)[trial.number]
-    # Configurations measured before a resume are read back from the store: nothing runs again.
-    evaluations = [evals.get(k) or objective.evaluate(done[k].user_attrs["config"]) for k in done]
-    default_ev = next((e for e in evaluations if key(e.config) == key(default)), None) or objective.evaluate(default)
-    return _result(objective, out, evaluations, default_ev, metric, latency, slo, len(done), proposals,
-                   {k: t.number for k, t in done.items()}, key)
+    tried = {key(c) for c, _, _ in measured}
+    names = list(space)
+    if grid:
+        return next((dict(zip(names, combo)) for combo in product(*space.values())
+                     if key(dict(zip(names, combo))) not in tried), None)
+    inside = [(c, v, x) for c, v, x in measured if all(c.get(k) in space[k] for k in names)]
+    if not inside:
+        start = {k: default.get(k) if default.get(k) in space[k] else space[k][len(space[k]) // 2] for k in names}
+        return start if key(start) not in tried else None
+    incumbent = min(inside, key=lambda m: (0, m[1]) if m[2] <= 0 else (1 if math.isfinite(m[1]) else 2, m[2]))[0]
+    moves: list[list[dict[str, Any]]] = []
+    for name in names:
+        values, here = list(space[name]), space[name].index(incumbent[name])
+        ordered = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        steps = [i for i in (here + 1, here - 1) if 0 <= i < len(values)] if ordered else \
+            [i for i in range(len(values)) if i != here]
+        moves.append([{**incumbent, name: values[i]} for i in steps])
+    for i in range(max(len(m) for m in moves)):
+        for knob_moves in moves:
+            if i < len(knob_moves) and key(knob_moves[i]) not in tried:
+                return dict(knob_moves[i])
+    return None
 
 
 def _result(objective: Objective, out: Path, evaluations: list[Evaluation], default: Evaluation, metric: str,
@@ -811,6 +1021,8 @@ def report(result: TuneResult) -> str:
     unit = METRICS.get(m, "")
     lines = [f"{result.measured} configuration(s) measured ({result.proposals} proposal(s)); "
              f"objective {m} ({unit}), latency {lat} (s)" + (f", SLO {result.slo}" if result.slo else "")]
+    if result.stopped:
+        lines.append(f"stopped early: {result.stopped}")
     cols = [c for c in result.table.columns if c in KNOBS] if not result.table.empty else []
     if not result.pareto.empty:
         shown = result.pareto[[*cols, f"{m}_mean", f"{m}_ci", lat, "slo_met"]]
@@ -889,7 +1101,7 @@ def write_outputs(result: TuneResult, out: str | os.PathLike[str]) -> dict[str, 
     w = result.winner
     write_json_atomic(paths["recommendation.json"], {
         "objective": result.objective, "latency": result.latency, "slo": str(result.slo) if result.slo else None,
-        "measured": result.measured, "winner": w.config if w else None,
+        "measured": result.measured, "stopped": result.stopped or None, "winner": w.config if w else None,
         "winner_metrics": {k: v for k, v in (w.metrics.items() if w else ()) if math.isfinite(v)},
         "default": result.default.config, "saving": {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                                                      for k, v in result.saving.items()},

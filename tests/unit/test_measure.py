@@ -32,6 +32,10 @@ APP = textwrap.dedent('''
         factory.model = model
         return PromptTemplate.from_template("Q: {question}") | FakeListLLM(responses=["x"])
 
+    def chat_factory(model):  # a graph of chat-model calls, as most apps are
+        from langchain_core.language_models.fake_chat_models import FakeListChatModel
+        return PromptTemplate.from_template("Q: {question}") | FakeListChatModel(responses=["y"])
+
     def broken_on_input(x):
         raise ValueError("no such question")
 
@@ -45,6 +49,10 @@ def app(tmp_path, monkeypatch):
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "graph.py").write_text(APP)
     (tmp_path / "langgraph.json").write_text(json.dumps({"graphs": {"qa": "./app/graph.py:chain"}}))
+    (tmp_path / "app" / "missing_dep.py").write_text("import os\nimport nosuch_dependency_xyz\ngraph = None\n")
+    (tmp_path / "app" / "syntax.py").write_text("graph = (\n")
+    (tmp_path / "app" / "raises.py").write_text("raise RuntimeError('OPENAI_API_KEY is not set')\n")
+    (tmp_path / "app" / "sibling.py").write_text("import graph\nchain = graph.chain\n")  # a sibling module
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps({"question": f"q{i}"}) for i in range(5)))
     monkeypatch.chdir(tmp_path)
     for key in ("OPENAI_BASE_URL", "LANGCHAIN_ENERGY_BASE_URL", "LANGCHAIN_ENERGY_MODEL"):
@@ -95,11 +103,20 @@ def test_a_factory_receives_the_chat_model_of_the_engine(app):
     (["qa", "--inputs", "missing.jsonl"], "does not exist"),
     (["qa", "--inputs", "in.jsonl", "--users", "0"], "must be positive"),
     (["qa", "--inputs", "in.jsonl", "--batch-size", "0"], "batch-size must be a positive integer"),
+    (["./app/missing_dep.py:graph", "--inputs", "in.jsonl"], "no module named 'nosuch_dependency_xyz' (missing_dep.py, line 2)"),
+    (["./app/syntax.py:graph", "--inputs", "in.jsonl"], "cannot import target './app/syntax.py:graph': SyntaxError"),
+    (["./app/raises.py:graph", "--inputs", "in.jsonl"], "RuntimeError: OPENAI_API_KEY is not set"),
 ])
 def test_bad_input_is_one_line_and_exit_2(app, capsys, args, match):
     assert _measure(*args, "--out", "o") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err and err.count("\n") == 1
+    assert not (app / "o").exists()  # nothing left behind, not even an empty folder
+
+
+def test_a_target_importing_its_sibling_module_is_accepted(app):
+    assert _measure("./app/sibling.py:chain", "--inputs", "in.jsonl", "--out", "o") == 0
+    assert (app / "o" / "summary.csv").exists()
 
 
 def test_inputs_files(tmp_path):
@@ -130,9 +147,12 @@ def test_a_target_that_cannot_be_found_starts_no_engine(app, capsys, monkeypatch
 
     started = []
     monkeypatch.setattr(vllm_server.VLLMServer, "start", lambda self: started.append(self) or self)
-    for target in ("./app/missing.py:graph", "nosuchpkg.mod:graph", "unknown-graph"):
+    targets = ("./app/missing.py:graph", "nosuchpkg.mod:graph", "unknown-graph", "./app/missing_dep.py:graph",
+               "./app/syntax.py:graph")
+    for target in targets:
         assert cli.main(["measure", target, "--inputs", "in.jsonl", "--no-progress", "--out", "o"]) == 2
-    assert not started and capsys.readouterr().err.count("error: ") == 3
+    assert not started and capsys.readouterr().err.count("error: ") == len(targets)
+    assert not (app / "o").exists()
 
 
 class FakeServer:
@@ -205,3 +225,32 @@ def test_the_shipped_example_app_is_a_factory_target_of_two_nodes():
     inputs = load_inputs(root / "questions.jsonl")
     assert len(inputs) >= 4
     assert graph.invoke(inputs[0]) == {**inputs[0], "draft": "a draft", "answer": "an answer"}
+
+
+def test_tune_a_target(app, monkeypatch, capsys):
+    from chains.harness import engine_runner, tune_cli
+    from chains.harness.settings import WORKLOADS
+    from chains.harness.sweep_cli import fixed_from_args
+    from chains.harness.tuner import StoreObjective
+
+    monkeypatch.setattr(engine_runner, "_warm_up", lambda server, batch: None)
+    server = FakeServer()
+
+    def objective(args):  # the command's own, on the borrowed engine instead of a new one
+        workloads, fixed = fixed_from_args(args, WORKLOADS)
+        runner = engine_runner.EngineTrialRunner(fixed["engine"], server=server, target=fixed["target"])
+        return StoreObjective(args.out, workloads[0], {"temperature": [0.7, 0]}, runner, args.repeats,
+                              defaults=runner.defaults(), fixed=fixed)
+
+    code = tune_cli.main(["--workload", "./app/graph.py:chat_factory", "--inputs", "in.jsonl", "--trials", "2",
+                          "--repeats", "2", "--out", "t", "--no-progress"], objective_factory=objective)
+    assert code == 0, capsys.readouterr().err
+    rec = json.loads((app / "t" / "recommendation.json").read_text())
+    assert rec["measured"] == 2 and rec["default"] == {"temperature": 0.7}
+    assert "--workload ./app/graph.py:chat_factory" in rec["command"] and "--inputs in.jsonl" in rec["command"]
+    assert "OPENAI_BASE_URL" not in os.environ
+    from chains.harness.store import ResultStore
+    from chains.harness.tuner import evaluate_records
+
+    ev = evaluate_records({}, ResultStore(app / "t").records())
+    assert ev.metric("p90_call_latency_s") >= 0  # chat-model calls count as the target's LLM calls
