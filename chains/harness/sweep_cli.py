@@ -4,6 +4,7 @@
 
 Each ``--knob`` is swept one at a time with the other knobs at their defaults; ``--across`` crosses a knob
 with every swept configuration (``--across backend=vllm,parrot``). Rerunning the same command resumes.
+``--ray [ADDRESS]`` runs the configurations side by side on a Ray cluster (`chains.harness.ray_executor`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no trial after this many seconds, nor an engine whose start and shortest trial "
                    "so far would not fit; rerun the same command to resume")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the configurations in parallel on a Ray cluster, one worker per engine on its own GPUs "
+                   "(HOST:PORT, ray://HOST:PORT or auto; no address: a local Ray). Needs the ray extra")
+    p.add_argument("--zeusd", default=None, metavar="URL",
+                   help="meter the engine's GPUs through the zeusd of its node (e.g. http://127.0.0.1:4938: with "
+                   "--ray, each worker's own node)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +148,28 @@ def spec_from_args(args: argparse.Namespace, known_workloads: Sequence[str] | No
     return SweepSpec(workloads=workloads, knobs=knobs, repeats=args.repeats, across=across, fixed=fixed)
 
 
+def executor_from_args(args: argparse.Namespace, make_runner: Callable[[Any], TrialRunner]) -> Any:
+    """The `RayExecutor` of ``--ray`` (None without it: the sweep runs here, one configuration at a time)."""
+    if args.ray is None:
+        return None
+    from chains.harness.ray_executor import RayExecutor, import_ray
+
+    import_ray()  # no ray: a one-line error naming the extra, before anything is written
+    return RayExecutor(make_runner=make_runner, address=None if args.ray == "local" else args.ray,
+                       power_cap_mode=args.power_cap_mode, progress=not args.no_progress)
+
+
+def engine_runner_maker(engine: dict[str, Any], parrot_url: str | None, target: dict[str, Any] | None,
+                        zeusd: str | None) -> Callable[[Any], TrialRunner]:
+    """What a Ray worker calls to build its `EngineTrialRunner`, given where it runs (its node's GPU indices)."""
+
+    def make(where: Any) -> TrialRunner:
+        return EngineTrialRunner(engine, parrot_url=parrot_url, target=target, zeusd=zeusd,
+                                 gpu_ids=(where or {}).get("gpus") or None)
+
+    return make
+
+
 def main(argv: Sequence[str] | None = None, runner_factory: Callable[..., TrialRunner] | None = None) -> int:
     """Entry point of ``python -m chains.run sweep``; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -151,22 +180,31 @@ def main(argv: Sequence[str] | None = None, runner_factory: Callable[..., TrialR
         store = ResultStore(args.out)
         cap = PowerCap.for_mode(args.power_cap_mode)
         if runner_factory is None:
-            runner: Any = EngineTrialRunner(spec.fixed["engine"], parrot_url=args.parrot_url,
-                                            target=spec.fixed.get("target"))
+            make = engine_runner_maker(spec.fixed["engine"], args.parrot_url, spec.fixed.get("target"), args.zeusd)
         else:
-            runner = runner_factory(spec)
+            make = _factory_maker(runner_factory, spec)
+        runner: Any = make(None)
+        executor = executor_from_args(args, make)
         defaults = runner.defaults() if hasattr(runner, "defaults") else {}
         deadline = time.monotonic() + args.time_budget if args.time_budget else None
         outcome = run_sweep(spec, store, runner, defaults=defaults, power_cap=cap, progress=not args.no_progress,
-                            deadline=deadline)
+                            deadline=deadline, executor=executor)
     except EnergyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    failed = f", {len(outcome.failed)} failed configuration(s)" if outcome.failed else ""
     print(f"{outcome.ran} trial(s) run, {outcome.skipped} already in {args.out}, "
-          f"{len(outcome.infeasible)} infeasible configuration(s)")
+          f"{len(outcome.infeasible)} infeasible configuration(s){failed}")
     if any(k == "power-cap" for k in (*spec.knobs, *spec.across)) and cap.mode != "applied":
         print(f"power caps: {cap.mode}, NOT applied to a real GPU (the store records them so)")
     return 0
+
+
+def _factory_maker(runner_factory: Callable[..., TrialRunner], spec: SweepSpec) -> Callable[[Any], TrialRunner]:
+    def make(where: Any) -> TrialRunner:
+        return runner_factory(spec)
+
+    return make
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ class EngineConfig:
         scheduling_policy: "fcfs" or "priority" (then requests may carry a priority, lower first).
         tool_call_parser: vLLM's tool-call parser for the model (e.g. "hermes"), which lets chat models use
             ``tool_choice="auto"``; None: no parser (forced tool calls still work, by JSON-schema decoding).
+        tensor_parallel_size: GPUs the engine's weights are split over (vLLM ``--tensor-parallel-size``).
         extra_args: more command-line flags passed through unchanged.
 
     Example:
@@ -93,10 +94,11 @@ class EngineConfig:
     seed: int = 0
     scheduling_policy: str = "fcfs"
     tool_call_parser: str | None = None
+    tensor_parallel_size: int = 1
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -120,16 +122,21 @@ class EngineConfig:
 
         vLLM places its workers on the first that many of the devices it sees; the sizes come from
         `extra_args` (``--tensor-parallel-size``/``-tp``, ``--pipeline-parallel-size``/``-pp``,
-        ``--data-parallel-size``/``-dp``, each 1 when absent).
+        ``--data-parallel-size``/``-dp``, each 1 when absent; the tensor size from `tensor_parallel_size`
+        when `extra_args` does not name it).
 
         Example:
             >>> EngineConfig(extra_args=("--tensor-parallel-size", "2", "-pp=2")).gpu_count
             4
+            >>> EngineConfig(tensor_parallel_size=2).gpu_count
+            2
         """
         count = 1
         for flags in _PARALLEL_FLAGS:
             value = _flag_value(self.extra_args, flags)
             if value is None:
+                if flags is _PARALLEL_FLAGS[0]:
+                    count *= self.tensor_parallel_size
                 continue
             try:
                 size = int(value)
@@ -166,6 +173,8 @@ class EngineConfig:
             args += ["--max-model-len", str(max_model_len)]
         if self.enforce_eager:
             args.append("--enforce-eager")
+        if self.tensor_parallel_size > 1:
+            args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
         if self.tool_call_parser:
             args += ["--enable-auto-tool-choice", "--tool-call-parser", self.tool_call_parser]
         return args + list(self.extra_args)

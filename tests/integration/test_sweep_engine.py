@@ -8,6 +8,7 @@ import pytest
 from chains.harness.engine_runner import EngineTrialRunner
 from chains.harness.store import ResultStore, SweepSpec
 from chains.harness.sweep import run_sweep
+from langchain_energy.ledger import CALL_KINDS
 
 pytestmark = pytest.mark.engine
 
@@ -36,7 +37,8 @@ def test_each_trial_records_the_engines_own_counters(vllm_server, tmp_path):
     assert outcome.ran == 1
     (record,) = ResultStore(tmp_path).records()
     counters = record.meta["engine_metrics"]
-    calls = [r for r in record.runs if r["kind"] == "llm"]
+    calls = [r for r in record.runs if r["kind"] in CALL_KINDS]  # the sweep's trials run on the chat model
+    assert len(calls) == 3 and {r["kind"] for r in calls} == {"chat_model"}
     prompt_tokens = sum(r["prompt_tokens"] for r in calls)
     assert counters["prompt_tokens"] == prompt_tokens  # the delta covers exactly this trial's calls
     assert counters["generation_tokens"] == sum(r["completion_tokens"] for r in calls)

@@ -1,0 +1,45 @@
+"""``sweep --zeusd URL``: the trial runner meters its engine's GPUs through the node's zeusd (here `ZeusdDouble`,
+a TEST DOUBLE of the daemon), only the GPUs it was given (a Ray worker's ``ray.get_gpu_ids()``)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from chains.harness.engine_runner import EngineTrialRunner
+from chains.harness.sweep_cli import engine_runner_maker
+from langchain_energy.callbacks import EnergyCallbackHandler
+from tests.doubles.zeusd import ZeusdDouble
+
+
+@pytest.fixture
+def node():
+    daemon = ZeusdDouble(gpus={0: [(None, 50.0)], 1: [(None, 300.0)]}).start()
+    yield daemon
+    daemon.kill()
+
+
+def test_a_worker_meters_only_its_own_gpu_of_the_node(node):
+    runner = engine_runner_maker({}, None, None, node.url)({"node": "n", "gpus": [1]})
+    assert isinstance(runner, EngineTrialRunner) and runner.gpu_ids == [1]
+    meter = runner._zeusd_meter()
+    try:
+        host = socket.gethostname().split(".")[0].replace("-", "_")
+        gpus = {k: v for k, v in meter.components().items() if k.startswith("gpu")}
+        assert list(gpus) == ["gpu:1"] and gpus["gpu:1"].startswith("measured:zeusd@")
+        assert gpus["gpu:1"].endswith(":gpu1") and host.split("_")[0] in gpus["gpu:1"]
+        handler = EnergyCallbackHandler(meter=meter)  # what _metered builds for each trial
+        assert handler.timeline.meter is meter
+        time.sleep(0.5)
+        joules = meter.read().energy_j["gpu:1"]
+        assert 300 * 0.2 < joules < 300 * 2  # GPU 1's 300 W, never GPU 0's 50 W
+        handler.close()
+    finally:
+        runner.close()
+    assert runner._meter is None
+
+
+def test_without_zeusd_the_process_meter_is_used():
+    assert EngineTrialRunner()._zeusd_meter() is None
