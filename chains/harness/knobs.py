@@ -58,6 +58,15 @@ def _bool(text: str) -> bool:
     raise ValueError("must be on/off (or true/false)")
 
 
+def _policy(text: str) -> str:
+    from langchain_energy.scheduling import POLICIES
+
+    low = text.strip().lower()
+    if low not in POLICIES:
+        raise ValueError("must be " + ", ".join(POLICIES))
+    return low
+
+
 def _backend(text: str) -> str:
     low = text.strip().lower()
     if low not in ("vllm", "openai", "parrot"):
@@ -78,6 +87,8 @@ class Knob:
         unit: unit for axis labels.
         label: human label for figures.
         help: one line for the command line's help.
+        engine: `EngineConfig` fields that any value of the knob needs (a knob that is not an engine knob,
+            whose values all share one engine).
     """
 
     name: str
@@ -88,6 +99,7 @@ class Knob:
     unit: str = ""
     label: str = ""
     help: str = ""
+    engine: tuple[tuple[str, Any], ...] = ()
 
     @property
     def is_engine_knob(self) -> bool:
@@ -129,6 +141,8 @@ KNOBS: dict[str, Knob] = {
              "on: run the engine eager; off: CUDA graphs and torch.compile (default: the engine's)"),
         Knob("prefix-caching", "prefix_caching", _bool, "engine", "enable_prefix_caching", "", "Prefix caching",
              "the engine's prefix cache on/off (default on)"),
+        Knob("tensor-parallel", "tensor_parallel_size", _positive_int, "engine", "tensor_parallel_size", "GPUs",
+             "Tensor-parallel size", "GPUs per engine, vLLM tensor_parallel_size (default 1)"),
         Knob("output-len", "output_len", _positive_int, "workload", None, "tokens", "Output length",
              "max tokens per answer (summary, search answer, code)"),
         Knob("input-len", "input_len", _positive_int, "workload", None, "tokens", "Input length",
@@ -143,6 +157,12 @@ KNOBS: dict[str, Knob] = {
              "GPU power cap in watts (see --power-cap-mode)"),
         Knob("backend", "backend", _backend, "serving", None, "", "Serving system",
              "vllm: the managed engine (or --base-url); openai: any vLLM URL; parrot: ServeCore"),
+        # Every policy runs on an engine with vLLM's priority scheduling (equal priorities are its FCFS order),
+        # so a sweep over policies keeps one engine; the gate admits batch-size calls at a time.
+        Knob("scheduling", "scheduling", _policy, "serving", None, "", "Workflow scheduling",
+             "workflow-aware order of the engine's requests: fcfs, workflow-fcfs, least-attained, critical-path "
+             "(managed engine only; any value starts it with vLLM's priority scheduling)",
+             engine=(("scheduling_policy", "priority"),)),
     )
 }
 
@@ -206,8 +226,12 @@ def knob_values(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def engine_fields(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The `EngineConfig` fields that the engine knobs set in ``settings`` (unset knobs keep the engine's)."""
-    return {k.to: settings[k.field] for k in KNOBS.values()
-            if k.target == "engine" and k.to and settings.get(k.field) is not None}
+    fields = {k.to: settings[k.field] for k in KNOBS.values()
+              if k.target == "engine" and k.to and settings.get(k.field) is not None}
+    for k in KNOBS.values():
+        if k.engine and settings.get(k.field) is not None:
+            fields.update(k.engine)
+    return fields
 
 
 def sampling_fields(settings: Mapping[str, Any]) -> dict[str, Any]:

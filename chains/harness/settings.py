@@ -49,10 +49,12 @@ class RunSettings:
     Attributes:
         workload: summarize, search, agentic or composite.
         backend: vllm (managed or by base_url), openai (any vLLM URL) or parrot.
+        scheduling: workflow scheduling policy (`langchain_energy.scheduling.POLICIES`); None: none.
         batch_size: the engine's max_num_seqs.
         max_batched_tokens: the engine's token budget per step (None: vLLM's default).
         enforce_eager: run the engine eager (True) or with CUDA graphs (False); None: the engine's default.
         prefix_caching: the engine's prefix caching.
+        tensor_parallel_size: GPUs per engine (vLLM tensor_parallel_size; None: 1).
         output_len: max tokens per answer (summary budget, search answer, engineer code).
         input_len: summarization chunk size in tokens of the served model's tokenizer.
         users: concurrent documents / sessions / tasks.
@@ -80,10 +82,12 @@ class RunSettings:
     workload: str = "search"
     # -- knobs (chains.harness.knobs) --
     backend: str = "vllm"
+    scheduling: str | None = None
     batch_size: int = 8
     max_batched_tokens: int | None = None
     enforce_eager: bool | None = None
     prefix_caching: bool = True
+    tensor_parallel_size: int | None = None
     output_len: int | None = None
     input_len: int | None = None
     users: int | None = None
@@ -142,6 +146,9 @@ def validate(settings: RunSettings) -> None:
         value = getattr(settings, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ConfigError(f"{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
+    if settings.scheduling not in (None, "fcfs") and settings.backend != "vllm":
+        raise ConfigError(f"--scheduling {settings.scheduling} orders the managed vLLM engine's requests; "
+                          f"backend {settings.backend} cannot take it (Parrot schedules its own)")
     if settings.docs and settings.dataset:
         raise ConfigError("give either --docs or --dataset, not both")
 

@@ -11,6 +11,9 @@ Runs, in order, each part into its own resumable results store under DIR:
    (needs ``PARROT_SRC``), across input length, output length and batch size, one knob at a time.
 6. ``search-graphs``: search at batch 1 to 16 with CUDA graphs and torch.compile (every other part runs the
    engine eager, so its many restarts skip compilation): how much of the batch-1 cost is kernel-launch overhead.
+7. ``scheduling``: many workflows at once under each workflow-scheduling policy against vLLM FCFS (and
+   Parrot with ``PARROT_SRC``) on one engine with CUDA graphs: per-workflow completion times and energy
+   (`chains.harness.scheduling_study`; not in the default parts: run it with ``--parts scheduling``).
 
 Then it writes ``roofline.json`` (energy per token of the best search configuration against the decode
 roofline floor, on a GPU), the figures of each store and ``summary.md``. ``--time-budget`` stops starting
@@ -89,12 +92,14 @@ PART_ENGINE = {"search-graphs": {"enforce_eager": False}}
 # Repeats a part uses instead of its size's ``repeats`` (a third repeat where the points are cheap or noisy).
 PART_REPEATS = {"search-graphs": 3, "workloads-batch": 3, "systems": 3}
 PARTS = ("search-batch", "search-output", "overhead", "workloads-batch", "systems", "search-graphs")
+OPT_IN_PARTS = ("scheduling",)  # run only when named in --parts
 SEARCH_PARTS = ("search-batch", "search-graphs")  # where the roofline looks for the best configuration
 
 
 
-def sweep_part(name: str, size: dict, out: Path, deadline: float | None) -> str:
-    """Run one sweep part into ``out/name``; returns a one-line account."""
+def sweep_part(name: str, size: dict, out: Path, deadline: float | None, ray: str | None = None) -> str:
+    """Run one sweep part into ``out/name`` (on a Ray cluster with ``ray``: an address or "local"); returns a
+    one-line account."""
     knobs, settings = size[name]
     across = {"backend": ["vllm", "parrot"]} if name == "systems" and os.environ.get("PARROT_SRC") else {}
     engine = {"model": size["model"], **size["engine"], **PART_ENGINE.get(name, {})}
@@ -102,8 +107,14 @@ def sweep_part(name: str, size: dict, out: Path, deadline: float | None) -> str:
     spec = SweepSpec(workloads=PART_WORKLOADS[name], knobs=knobs, repeats=repeats, across=across,
                      fixed={"settings": {"model": size["model"], **settings}, "engine": engine})
     runner = EngineTrialRunner(engine)
+    executor = None
+    if ray is not None:
+        from chains.harness.ray_executor import RayExecutor
+        from chains.harness.sweep_cli import engine_runner_maker
+
+        executor = RayExecutor(engine_runner_maker(engine, None, None, None), address=None if ray == "local" else ray)
     outcome = run_sweep(spec, ResultStore(out / name), runner, defaults=runner.defaults(),
-                        power_cap=PowerCap(dry_run=True), deadline=deadline)
+                        power_cap=PowerCap(dry_run=True), deadline=deadline, executor=executor)
     note = "" if across else " (vLLM only: set PARROT_SRC to add Parrot)" if name == "systems" else ""
     return f"{name}: {outcome.ran} trials run, {outcome.skipped} resumed, {len(outcome.infeasible)} infeasible{note}"
 
@@ -142,14 +153,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m chains.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="results directory (resumed when rerun)")
     p.add_argument("--size", choices=tuple(SIZES), default="gpu", help="gpu: 7B-shaped model; rehearse: tiny, CPU")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of: {', '.join(PARTS)}")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated subset of: {', '.join(PARTS + OPT_IN_PARTS)}")
+    p.add_argument("--scheduling-size", choices=("gpu", "full", "rehearse"), default=None,
+                   help="sizes of the scheduling part (default: rehearse with --size rehearse, else gpu)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no trial after this many seconds, nor an engine that cannot fit one; rerun to resume")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run each sweep part's configurations in parallel on a Ray cluster (no address: a local Ray)")
     args = p.parse_args(argv)
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
-    unknown = sorted(set(parts) - set(PARTS))
+    unknown = sorted(set(parts) - set(PARTS) - set(OPT_IN_PARTS))
     if unknown:
-        print(f"error: unknown part(s) {unknown}; choose from {', '.join(PARTS)}", file=sys.stderr)
+        print(f"error: unknown part(s) {unknown}; choose from {', '.join(PARTS + OPT_IN_PARTS)}", file=sys.stderr)
         return 2
     size, out = SIZES[args.size], Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if deadline is not None and time.monotonic() >= deadline:
                 lines.append(f"{part}: not started (time budget spent; rerun to resume)")
                 continue
-            line = overhead_part(size, out) if part == "overhead" else sweep_part(part, size, out, deadline)
+            if part == "scheduling":
+                from chains.harness.scheduling_study import scheduling_part
+
+                which = args.scheduling_size or ("rehearse" if args.size == "rehearse" else "gpu")
+                line = scheduling_part(which, size["model"], out, deadline)
+            elif part == "overhead":
+                line = overhead_part(size, out)
+            else:
+                line = sweep_part(part, size, out, deadline, args.ray)
             print(line, flush=True)
             lines.append(line)
         lines.append(roofline_part(out, SEARCH_PARTS))

@@ -28,6 +28,7 @@ from chains.harness.inputs import Inputs, prepare_inputs
 from chains.harness.knobs import sampling_fields
 from chains.harness.settings import RunSettings, filled_in, resolve, validate
 from chains.workloads import agentic, agentic_parrot, search, summarize, summarize_parrot
+from langchain_energy.errors import ConfigError
 
 @dataclass
 class TrialResult:
@@ -96,6 +97,18 @@ def _sampling_llm(settings: RunSettings, llm: BaseLanguageModel) -> BaseLanguage
     return llm.model_copy(update=updates) if updates else llm
 
 
+def workflow_scheduler(settings: RunSettings, llm: BaseLanguageModel) -> Any:
+    """The trial's `WorkflowScheduler` (None under fcfs or without the knob): its gate admits batch-size calls
+    at a time, and each document, session or task (a child of the workload's root run) is a workflow."""
+    if settings.scheduling in (None, "fcfs"):
+        return None
+    from langchain_energy.scheduling import WorkflowScheduler
+
+    if "scheduler" not in getattr(type(llm), "model_fields", {}):
+        raise ConfigError(f"--scheduling needs this package's models (ServingLLM, ChatServing), not {type(llm).__name__}")
+    return WorkflowScheduler(settings.scheduling, max_in_flight=settings.batch_size, workflow_depth=1)
+
+
 def _close_copy(original: BaseLanguageModel, used: BaseLanguageModel) -> None:
     """Close the HTTP client of an LLM copy made for this trial (the caller's LLM stays open)."""
     backend = getattr(used, "_backend", None)
@@ -132,6 +145,9 @@ def run_trial(
     if inputs is None:
         inputs = prepare_inputs(settings, llm.get_num_tokens)
     caller_llm, llm = llm, _sampling_llm(settings, llm)
+    scheduler = workflow_scheduler(settings, llm)
+    if scheduler is not None:
+        llm, callbacks = llm.model_copy(update={"scheduler": scheduler}), [*callbacks, scheduler]
     jobs = build_workloads(settings, llm, inputs)
     try:
         metered = run_jobs(jobs, handler=handler, callbacks=callbacks, idle_power_w=settings.idle_power_w)
@@ -153,6 +169,8 @@ def run_trial(
         "llm": describe_llm(llm),
         **(extra_meta or {}),
     }
+    if scheduler is not None:
+        meta["scheduler"] = {"policy": scheduler.policy, "gate": scheduler.max_in_flight, **scheduler.slot_stats()}
     return TrialResult(runs=runs, summary=summary, meta=meta, outputs=metered.outputs)
 
 
@@ -181,6 +199,7 @@ def run_jobs(
         Runs, per-workflow summary, outputs by name, and meta (wall time, calls recorded, provenance, meter).
     """
     from langchain_energy.callbacks import EnergyCallbackHandler
+    from langchain_energy.ledger import CALL_KINDS  # a completion LLM's and a chat model's calls
 
     own_handler = handler is None
     if own_handler:
@@ -201,7 +220,7 @@ def run_jobs(
     meter = getattr(getattr(handler, "timeline", None), "meter", None)
     meta = {
         "wall_s": wall,
-        "recorded_llm_calls": int((runs["kind"] == "llm").sum()) if not runs.empty else 0,
+        "recorded_llm_calls": int(runs["kind"].isin(CALL_KINDS).sum()) if not runs.empty else 0,
         "provenance": sorted(set(summary["provenance"])) if not summary.empty else [],
         "meter": meter.describe() if meter is not None and hasattr(meter, "describe") else None,
     }

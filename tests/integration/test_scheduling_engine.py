@@ -9,8 +9,10 @@ from uuid import UUID
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnableLambda, RunnableParallel
 
+from langchain_energy.chat_models import ChatServing
 from langchain_energy.llms import ServingLLM
 from langchain_energy.scheduling import WorkflowScheduler
 
@@ -28,13 +30,14 @@ class CallClock(BaseCallbackHandler):
         self.ends.setdefault(name, []).append(time.monotonic())
 
 
-def _three_calls(llm: ServingLLM):
-    """A sequential workflow of three LLM calls, each fed by the previous answer."""
+def _three_calls(llm: ServingLLM | ChatServing):
+    """A sequential workflow of three LLM calls, each fed by the previous answer (text or chat message)."""
     step = RunnableLambda(lambda text: f"Continue this in one sentence: {text[-200:]}")
-    return llm | step | llm | step | llm
+    call = llm | StrOutputParser()
+    return call | step | call | step | call
 
 
-async def _two_workflows(llm: ServingLLM, scheduler: WorkflowScheduler) -> CallClock:
+async def _two_workflows(llm: ServingLLM | ChatServing, scheduler: WorkflowScheduler) -> CallClock:
     clock = CallClock()
     workflow = _three_calls(llm)
 
@@ -47,11 +50,12 @@ async def _two_workflows(llm: ServingLLM, scheduler: WorkflowScheduler) -> CallC
     return clock
 
 
-@pytest.mark.parametrize("policy", ["workflow-fcfs", "fcfs"])
-def test_two_workflows_finish_in_order_under_workflow_fcfs_and_interleave_under_fcfs(vllm_server, policy):
-    # One slot at the gate: the order of admission is the whole story.
+@pytest.mark.parametrize("policy, model", [("workflow-fcfs", ServingLLM), ("fcfs", ServingLLM),
+                                           ("workflow-fcfs", ChatServing)])
+def test_two_workflows_finish_in_order_under_workflow_fcfs_and_interleave_under_fcfs(vllm_server, policy, model):
+    # One slot at the gate: the order of admission is the whole story (the slot is kept between A's calls).
     scheduler = WorkflowScheduler(policy, max_in_flight=1, handoff_s=1.0)
-    llm = ServingLLM.from_server(vllm_server, max_tokens=12, ignore_eos=True, seed=0, scheduler=scheduler)
+    llm = model.from_server(vllm_server, max_tokens=12, ignore_eos=True, seed=0, scheduler=scheduler)
     ends = asyncio.run(_two_workflows(llm, scheduler)).ends
     a, b = ends["wf-a"], ends["wf-b"]
     assert len(a) == len(b) == 3
@@ -102,9 +106,10 @@ def test_the_engine_serves_an_older_workflow_first_from_the_priority_alone(vllm_
         assert max(b) < min(a)
 
 
-def test_streaming_and_sync_calls_go_through_the_gate(vllm_server):
+@pytest.mark.parametrize("model", [ServingLLM, ChatServing])
+def test_streaming_and_sync_calls_go_through_the_gate(vllm_server, model):
     scheduler = WorkflowScheduler("workflow-fcfs", max_in_flight=1)
-    llm = ServingLLM.from_server(vllm_server, max_tokens=8, ignore_eos=True, seed=0, scheduler=scheduler)
+    llm = model.from_server(vllm_server, max_tokens=8, ignore_eos=True, seed=0, scheduler=scheduler) | StrOutputParser()
     with scheduler:
         chunks = list(llm.stream("Count to five."))
         text = llm.invoke("Name a colour.")

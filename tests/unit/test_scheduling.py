@@ -41,6 +41,13 @@ def end_llm(s: WorkflowScheduler, run: UUID) -> None:
     s.on_llm_end(None, run_id=run)
 
 
+async def _admit(s: WorkflowScheduler, order: list[str], run_id: UUID, name: str) -> None:
+    """Wait at the gate, note the admission, hand the slot back."""
+    ticket = await s.acquire(run_id)
+    order.append(name)
+    s.release(ticket)
+
+
 def test_an_unknown_policy_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match="unknown scheduling policy 'lifo'.*fcfs"):
         WorkflowScheduler("lifo")
@@ -209,16 +216,11 @@ def test_the_gate_releases_held_calls_in_policy_order_and_ages_them():
         holding = await s.acquire(blocker)
         waiting_a = llm(s, a)                    # held: the slot is taken
 
-        async def run(run_id: UUID, name: str) -> None:
-            ticket = await s.acquire(run_id)
-            order.append(name)
-            s.release(ticket)
-
-        task_a = asyncio.ensure_future(run(waiting_a, "a"))
+        task_a = asyncio.ensure_future(_admit(s, order, waiting_a, "a"))
         await asyncio.sleep(0)
         clock.t += 25.0                          # A's call has waited past its bound (10 quanta * 2 s)
         newcomer = llm(s, chain(s))
-        task_n = asyncio.ensure_future(run(newcomer, "newcomer"))
+        task_n = asyncio.ensure_future(_admit(s, order, newcomer, "newcomer"))
         await asyncio.sleep(0)
         assert s.waiting == 2 and s.in_flight == 1
         s.release(holding)
@@ -235,69 +237,58 @@ def test_the_gate_hands_a_freed_slot_to_the_same_workflow_next_call():
         a, b = chain(s), chain(s)
         a1 = llm(s, a)
         ticket = await s.acquire(a1)
-        b1 = llm(s, b)
-
-        async def run(run_id: UUID, name: str) -> None:
-            t = await s.acquire(run_id)
-            order.append(name)
-            s.release(t)
-
-        task_b = asyncio.ensure_future(run(b1, "b1"))
+        task_b = asyncio.ensure_future(_admit(s, order, llm(s, b), "b1"))
         await asyncio.sleep(0)
         s.release(ticket)                        # the slot is kept for A, whose next call comes a moment later
         end_llm(s, a1)
         await asyncio.sleep(0.01)
         assert order == []
-        await run(llm(s, a), "a2")
+        await _admit(s, order, llm(s, a), "a2")
         s.on_chain_end({}, run_id=a)             # A is done: nothing more to keep a slot for
         await task_b
+        stats = s.slot_stats()
+        assert (stats["kept"], stats["handed"], stats["ended"]) == (2, 1, 1) and stats["idle_s"] > 0.005
         return order
 
     assert asyncio.run(scenario()) == ["a2", "b1"]
 
 
-def test_a_reserved_slot_goes_to_the_next_waiter_when_the_workflow_does_not_come_back():
+@pytest.mark.parametrize("policy, kwargs, at_once", [
+    ("workflow-fcfs", {"handoff_s": 0.0}, True),     # a work-conserving gate keeps no slot
+    ("fcfs", {"handoff_s": 5.0}, True),          # fcfs keeps no slot whatever the handoff
+    ("workflow-fcfs", {"handoff_s": 0.05}, False),   # a kept slot goes on once the workflow does not come back
+])
+def test_a_freed_slot_goes_to_the_next_waiter(policy, kwargs, at_once):
     async def scenario() -> list[str]:
-        s = WorkflowScheduler("workflow-fcfs", max_in_flight=1, handoff_s=0.05)
+        s = WorkflowScheduler(policy, max_in_flight=1, **kwargs)
         order: list[str] = []
-        a, b = chain(s), chain(s)
+        a, b = chain(s), chain(s)                # A started first and is still running: it would go first
         ticket = await s.acquire(llm(s, a))
-        b1 = llm(s, b)
-
-        async def run(run_id: UUID, name: str) -> None:
-            t = await s.acquire(run_id)
-            order.append(name)
-            s.release(t)
-
-        task_b = asyncio.ensure_future(run(b1, "b1"))
+        task_b = asyncio.ensure_future(_admit(s, order, llm(s, b), "b1"))
         await asyncio.sleep(0)
         s.release(ticket)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert (order == ["b1"]) is at_once
         await asyncio.wait_for(task_b, timeout=2.0)
         return order
 
     assert asyncio.run(scenario()) == ["b1"]
 
 
-def test_fcfs_gate_keeps_no_slot_and_serves_in_arrival_order():
-    async def scenario() -> list[str]:
-        s = WorkflowScheduler("fcfs", max_in_flight=1, handoff_s=5.0)
-        order: list[str] = []
-        a, b = chain(s), chain(s)
-        ticket = await s.acquire(llm(s, a))
-        b1 = llm(s, b)
-
-        async def run(run_id: UUID, name: str) -> None:
-            t = await s.acquire(run_id)
-            order.append(name)
-            s.release(t)
-
-        task_b = asyncio.ensure_future(run(b1, "b1"))
-        await asyncio.sleep(0)
-        s.release(ticket)
-        await asyncio.wait_for(task_b, timeout=1.0)
-        return order
-
-    assert asyncio.run(scenario()) == ["b1"]
+def test_workflows_below_a_fan_out_root_are_workflows_of_their_own():
+    # A workload's root run fans out documents; with workflow_depth=1 each document is a workflow, and the
+    # root, a container, does not count in the ranks.
+    s = WorkflowScheduler("workflow-fcfs", workflow_depth=1)
+    root = chain(s)
+    doc1, doc2 = chain(s, root), chain(s, root)
+    c1, c2 = llm(s, chain(s, doc1, "refine"), "refine"), llm(s, chain(s, doc2, "refine"), "refine")
+    assert s.position(c1).workflow_id == doc1 and s.position(c2).workflow_id == doc2
+    assert (s.position(c1).workflow_rank, s.position(c2).workflow_rank) == (0, 1)
+    end_llm(s, c1)
+    s.on_chain_end({}, run_id=doc1)
+    assert s.position(llm(s, doc2)).workflow_rank == 0
+    assert s.workflows_finished == 1
 
 
 def test_a_cancelled_wait_gives_nothing_away():
@@ -316,7 +307,8 @@ def test_a_cancelled_wait_gives_nothing_away():
 
 
 def test_bad_gate_and_ageing_values_are_config_errors():
-    for kwargs in ({"max_in_flight": 0}, {"ageing_s": 0}, {"quantum_s": -1}, {"handoff_s": -0.1}):
+    for kwargs in ({"max_in_flight": 0}, {"ageing_s": 0}, {"quantum_s": -1}, {"handoff_s": -0.1},
+                   {"workflow_depth": -1}):
         with pytest.raises(ConfigError):
             WorkflowScheduler("workflow-fcfs", **kwargs)
 
