@@ -17,7 +17,7 @@ decode (after) when the first-token time is known. Everything here is a pure fun
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -145,6 +145,7 @@ def attribute(
     spans: Sequence[Span],
     window: tuple[float, float] | None = None,
     weighting: Weighting = "equal",
+    only: Collection[Hashable] | None = None,
 ) -> Attribution:
     """Share the energy of a cumulative-joules timeline among runs (see the module docstring for the rule).
 
@@ -155,6 +156,8 @@ def attribute(
         spans: the runs.
         window: (t0, t1) to attribute; by default from the earliest span start to the latest span end.
         weighting: ``"equal"`` shares or ``"tokens"`` (each call's `prefill_weight`/`decode_weight`).
+        only: the runs whose shares are wanted (default: all); the others still take theirs, but theirs are
+            not added up (``direct``, ``prefill``, ``decode`` and ``share_s`` then hold only these runs).
 
     Returns:
         An `Attribution`; ``sum(direct) + outside == total`` per component.
@@ -209,13 +212,14 @@ def attribute(
         seg[c] = np.diff(at)
         total[c] = float(at[-1])
 
-    direct: dict[Hashable, Energy] = {s.run_id: {c: 0.0 for c in components} for s in spans}
+    wanted = [s for s in spans if only is None or s.run_id in only]
+    direct: dict[Hashable, Energy] = {s.run_id: {c: 0.0 for c in components} for s in wanted}
     prefill: dict[Hashable, Energy] = {
-        s.run_id: {c: 0.0 for c in components} for s in spans if s.is_call and s.t_first_token is not None
+        s.run_id: {c: 0.0 for c in components} for s in wanted if s.is_call and s.t_first_token is not None
     }
     decode: dict[Hashable, Energy] = {k: {c: 0.0 for c in components} for k in prefill}
     outside = {c: 0.0 for c in components}
-    share_s: dict[Hashable, float] = {s.run_id: 0.0 for s in spans}
+    share_s: dict[Hashable, float] = {s.run_id: 0.0 for s in wanted}
     outside_s = 0.0
 
     by_id = {s.run_id: s for s in spans}
@@ -238,6 +242,8 @@ def attribute(
             weights = _weights(calls, a, weighting)
             wsum = math.fsum(weights)
             for s, w in zip(calls, weights):
+                if s.run_id not in direct:
+                    continue  # not wanted
                 share = w / wsum
                 share_s[s.run_id] += (b - a) * share
                 tgt = direct[s.run_id]
@@ -253,6 +259,8 @@ def attribute(
         if inner:
             share = 1.0 / len(inner)
             for rid in inner:
+                if rid not in direct:
+                    continue  # not wanted
                 share_s[rid] += (b - a) * share
                 tgt = direct[rid]
                 for c, e in piece.items():

@@ -26,7 +26,7 @@ from langchain_energy.attribution import Span, Weighting, attribute, token_rate_
 CALL_KINDS = ("llm", "chat_model")
 ENERGY_FIRST_KINDS = (*CALL_KINDS, "engine_start")
 
-#: How many samples the ledger buffers before folding on its own (folding also happens at every run end).
+#: How many changes, or samples beyond those held after the last fold, make the ledger try a fold.
 _FOLD_EVERY = 64
 
 
@@ -164,6 +164,8 @@ class Ledger:
         self._folded_to: float | None = None
         self.outside_j: dict[str, float] = {c: 0.0 for c in self.components}
         self.version = 0
+        self._changes = 0  # changes since the last fold was tried
+        self._held_after_fold = 0  # samples held when it ended
 
     def use(self, weighting: Weighting) -> None:
         """Keep the split by `weighting` from now on (runs opened later are shared by it too)."""
@@ -195,8 +197,8 @@ class Ledger:
             if self._folded_to is None:
                 self._folded_to = t
             self._resolve_marks()
-            if len(self._t) > _FOLD_EVERY:
-                self._fold()
+            if self._fold_due():
+                self._try_fold()
 
     @property
     def folded_to(self) -> float:
@@ -240,9 +242,9 @@ class Ledger:
         with self._lock:
             self.version += 1
             self._resolve_marks()
-            # Folding costs one `attribute` call: batch it, memory stays bounded by what is open either way.
-            if len(self._live) > _FOLD_EVERY or len(self._t) > _FOLD_EVERY:
-                self._fold()
+            self._changes += 1
+            if self._fold_due():
+                self._try_fold()
 
     def close_run(self, run_id: Hashable, t_end: float) -> None:
         """End a run at `t_end` (a convenience over setting the record's fields and `changed()`)."""
@@ -303,6 +305,17 @@ class Ledger:
         """Fold everything that can no longer change now (it otherwise happens in batches, on its own)."""
         with self._lock:
             self._fold()
+
+    def _fold_due(self) -> bool:
+        """Whether to try a fold: after `_FOLD_EVERY` changes, or once the samples held doubled since the last
+        try. A fold walks every live run, and runs that stay open (workflows' chains, a long call) hold back
+        what it can drop: counting changes and samples, not live runs, keeps trying cheap on average."""
+        return self._changes >= _FOLD_EVERY or len(self._t) > max(_FOLD_EVERY, 2 * self._held_after_fold)
+
+    def _try_fold(self) -> None:
+        self._changes = 0
+        self._fold()
+        self._held_after_fold = len(self._t)
 
     def _fold(self) -> None:
         """Attribute everything before the oldest open call and drop those samples."""
@@ -376,7 +389,8 @@ class Ledger:
         Args:
             weighting: ``"equal"`` or ``"tokens"``.
             t: the instant to cover up to; open runs count as running until then.
-            runs: the run ids wanted (all known ones by default).
+            runs: the run ids wanted (all known ones by default); for runs still live, only the time they cover
+                is split, and `outside` then holds only what is folded.
         """
         with self._lock:
             folded = self._received[weighting]
@@ -385,10 +399,21 @@ class Ledger:
             t_cut = t if t is not None else (self._t[-1] if self._t else 0.0)
             t0 = self._folded_to
             outside = dict(self.outside_j)
-            if t0 is not None and self._t and t_cut > t0:
-                spans = self._spans(t0, t_cut, weighting)
-                result = attribute(self._t, self._e, spans, window=(t0, t_cut), weighting="tokens")
-                _add_into(outside, result.outside)
+            lo, hi = t0, t_cut
+            if runs is not None and t0 is not None and wanted and all(r in self._live for r in wanted):
+                # Only these runs' shares: splitting the time they cover gives them what the whole window
+                # would (splits compose over pieces), at a cost that does not grow with everything else open.
+                # `outside` then covers what is folded only.
+                lo = max(t0, min(self._live[r].t_start for r in wanted))
+                hi = min(t_cut, max(t_cut if self._live[r].t_end is None else self._live[r].t_end for r in wanted))
+            if lo is not None and self._t and hi > lo:
+                spans = self._spans(lo, hi, weighting)
+                if (lo, hi) != (t0, t_cut) and all(self._live[r].takes_energy_first for r in wanted):
+                    spans = [s for s in spans if s.is_call]  # calls take energy first: chains cannot change it
+                result = attribute(self._t, self._e, spans, window=(lo, hi), weighting="tokens",
+                                   only=None if runs is None else set(wanted))
+                if (lo, hi) == (t0, t_cut):
+                    _add_into(outside, result.outside)
                 for s in spans:
                     if s.run_id in received:
                         received[s.run_id].add(result.direct[s.run_id], result.prefill.get(s.run_id),
@@ -407,6 +432,12 @@ class Ledger:
                     cumulative[rid] = (start, end)
             final = {rid for rid in wanted if rid not in self._live or self._is_final(self._live[rid], weighting)}
             return LedgerView(received=received, cumulative=cumulative, t=t_cut, final=final, outside=outside)
+
+    def is_final(self, run_id: Hashable, weighting: Weighting) -> bool:
+        """Whether a run's split by `weighting` can no longer change (cheap: no split is computed)."""
+        with self._lock:
+            rec = self._live.get(run_id)
+            return rec is None or self._is_final(rec, weighting)
 
     def _is_final(self, rec: RunRecord, weighting: str) -> bool:
         """A run's split is final once it has ended, a sample covers its end, and every call that overlapped

@@ -105,3 +105,59 @@ def test_memory_is_bounded_by_what_is_open_not_by_elapsed_time():
             ledger.close_run(f"c{i - 25}", t)
         t += 0.1
     assert ledger.samples_held < 100
+
+
+def test_many_open_chains_do_not_make_every_change_a_fold(monkeypatch):
+    # 300 workflows' chains stay open all run long while their calls come and go: the ledger must not try a
+    # fold at every change (a fold walks every live run), only once enough became foldable.
+    ledger = Ledger(("gpu:0",))
+    folds = []
+    real_fold = ledger._fold
+    monkeypatch.setattr(ledger, "_fold", lambda: (folds.append(1), real_fold()))
+    t = 0.0
+    for w in range(300):
+        ledger.open(call(f"w{w}", t, kind="chain"))
+    for i in range(2000):
+        t += 0.01
+        ledger.add_sample(t, {"gpu:0": 300.0 * t})
+        rid = f"c{i}"
+        ledger.open(call(rid, t, parent=f"w{i % 300}"))
+        ledger.close_run(rid, t + 0.005)
+    assert len(folds) < 2000 / 16
+    assert ledger.samples_held < 200
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories(), st.sampled_from(["equal", "tokens"]), st.floats(0.0, 1.0))
+def test_one_runs_view_is_its_share_in_the_whole_view(events, weighting, cut):
+    # A view for a few runs splits only the time they cover; it must give them what the whole view does.
+    ledger, recs, _, _ = replay(events[:max(1, int(len(events) * cut))], weighting)
+    whole = ledger.view(weighting)
+    for rid in recs:
+        one = ledger.view(weighting, runs=[rid])
+        assert one.received[rid].energy["gpu:0"] == pytest.approx(whole.received[rid].energy["gpu:0"], rel=1e-9,
+                                                                   abs=1e-6)
+        assert one.received[rid].share_s == pytest.approx(whole.received[rid].share_s, rel=1e-9, abs=1e-9)
+        assert (rid in one.final) == (rid in whole.final)
+
+
+def test_a_view_for_one_ended_call_splits_only_the_time_it_ran(monkeypatch):
+    import langchain_energy.ledger as ledger_module
+
+    ledger = Ledger(("gpu:0",))
+    ledger.add_sample(0.0, {"gpu:0": 0.0})
+    ledger.open(call("long", 0.0, kind="chain"))
+    for i in range(1, 100):
+        t = i * 0.1
+        if i == 40:
+            ledger.open(call("open", t))  # holds back the fold: "c" stays live
+        if i == 50:
+            ledger.open(call("c", t))
+        ledger.add_sample(t, {"gpu:0": 30.0 * i})
+        if i == 60:
+            ledger.close_run("c", t)
+    windows = []
+    real = ledger_module.attribute
+    monkeypatch.setattr(ledger_module, "attribute", lambda *a, **k: (windows.append(k["window"]), real(*a, **k))[1])
+    ledger.view("equal", runs=["c"])
+    assert windows == [pytest.approx((5.0, 6.0))]

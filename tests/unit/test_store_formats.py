@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+from chains.harness.knobs import KNOBS
 from chains.harness.record import FORMAT, from_json
 from chains.harness.store import ResultStore
 from chains.harness.sweep import SweepConfig, _record
@@ -33,7 +34,7 @@ def test_committed_store_loads_with_typed_knob_values(store_dir):
         assert sorted(got) == sorted(values)  # the typed values, numbers as numbers
         assert all(type(v) is type(values[0]) for v in got)
     for rec in store.records()[:3]:
-        field = {"batch-size": "batch_size", "output-len": "output_len", "input-len": "input_len"}[rec.knob]
+        field = KNOBS[rec.knob].field
         assert rec.value == rec.knobs[rec.knob] and rec.knob in rec.swept
         assert field not in rec.settings  # each knob's value once: in knobs, not again in settings
         assert "settings" not in rec.meta and "resolved" not in rec.meta
