@@ -74,7 +74,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    help="EngineConfig field held fixed (e.g. max_model_len=4096, cpu_kvcache_gib=2)")
     p.add_argument("--repeats", type=int, default=10, help="trials per configuration (default 10)")
     p.add_argument("--out", required=True, help="results directory (resumed when it holds this same sweep)")
-    p.add_argument("--model", default=None, help="model name or directory (default: the embedded model)")
+    p.add_argument("--model", default=None,
+                   help="model name or directory, served and used to count tokens (default: the embedded model)")
     p.add_argument("--power-cap-mode", choices=POWER_CAP_MODES, default="dry-run", help=POWER_CAP_MODE_HELP)
     p.add_argument("--parrot-url", default=None, help="ServeCore address for backend=parrot")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -118,9 +119,12 @@ def fixed_from_args(args: argparse.Namespace, known_workloads: Sequence[str] | N
     if args.inputs:
         load_inputs(args.inputs, args.column)  # missing, empty or not JSON: refused before anything starts
     engine = _parse_engine_args(args.engine_arg)
-    if args.model:
-        engine["model"] = args.model
     settings = _parse_engine_args(args.setting)  # same FIELD=VALUE syntax
+    if args.model:
+        # The engine serves it and the workload counts its tokens with its tokenizer: one flag sets both.
+        if settings.get("model", args.model) != args.model or engine.get("model", args.model) != args.model:
+            raise ConfigError(f"--model {args.model} disagrees with a model named by --setting or --engine-arg")
+        engine["model"] = settings["model"] = args.model
     overlap = set(settings) & set(KNOB_FIELDS)
     if overlap:
         raise ConfigError(f"--setting {sorted(overlap)} names a knob; use --set or --knob for knobs")

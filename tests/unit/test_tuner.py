@@ -224,3 +224,14 @@ def test_the_reproduce_command_is_a_sweep_that_parses(tmp_path):
     assert spec.fixed["settings"] == {"ignore_eos": True, "enforce_eager": True, "n_queries": 4,
                                       "prefix_caching": False}
     assert spec.fixed["engine"] == {"max_model_len": 4096}
+
+
+def test_model_sets_the_engine_and_the_workload_alike():
+    # One flag for the model: the engine serves it and the workload counts its tokens with its tokenizer.
+    from chains.harness import sweep_cli
+    from chains.harness.settings import WORKLOADS
+
+    args = sweep_cli.build_parser().parse_args(["--workload", "search", "--knob", "batch-size=8",
+                                                "--model", "llama2-7b-shape", "--out", "x"])
+    spec = sweep_cli.spec_from_args(args, WORKLOADS)
+    assert spec.fixed["engine"]["model"] == spec.fixed["settings"]["model"] == "llama2-7b-shape"
