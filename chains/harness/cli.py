@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--api-key-env", default=None, metavar="NAME",
                    help="environment variable holding the --base-url server's API key (default: OPENAI_API_KEY)")
     g.add_argument("--max-model-len", type=int, default=None, help="engine context window in tokens (default: the model's)")
+    g.add_argument("--zeusd", default=None, metavar="URL",
+                   help="meter the engine's GPUs through the zeusd on its node (http://host:4938), for a --base-url "
+                        "server on another machine; this machine's counters otherwise")
     g.add_argument("--power-cap-mode", choices=POWER_CAP_MODES, default="dry-run", help=POWER_CAP_MODE_HELP)
     g.add_argument("--apply-power-cap", dest="power_cap_mode", action="store_const", const="apply",
                    help="the same as --power-cap-mode apply")
@@ -187,21 +190,29 @@ def run_command(args: argparse.Namespace) -> int:
     """Validate, prepare inputs, start the engine, run the trials, write the results."""
     from chains.harness.session import output_dir, print_session, run_session, write_session
     from chains.harness.inputs import describe_inputs, prepare_inputs
+    from chains.harness.engine_runner import zeusd_meter
     from chains.harness.trial import run_trial
+    from langchain_energy.callbacks import EnergyCallbackHandler
 
     settings = settings_from_args(args)
     # Everything that can fail on bad input happens here, before any engine starts.
     power_cap = PowerCap.for_mode(args.power_cap_mode)
     power_cap.preflight([settings.power_cap_w] if settings.power_cap_w is not None else [])
     api_key = api_key_from_env(args.api_key_env)
+    meter = zeusd_meter(args.zeusd) if args.zeusd else None   # None: this machine's own counters
     count_tokens, context = _tokenizer_and_context(settings)
     inputs = prepare_inputs(settings, count_tokens, context)
     out = output_dir(args.out, settings.workload)
     calls = inputs.expected_calls(settings)
     print(f"{settings.workload}: {describe_inputs(inputs)}; {calls} LLM calls per trial", file=sys.stderr)
 
+
     def trial(llm: Any, repeat: int, progress: Any) -> Any:
-        return run_trial(settings, llm, inputs=inputs, callbacks=[progress], extra_meta={"repeat": repeat})
+        if meter is None:
+            return run_trial(settings, llm, inputs=inputs, callbacks=[progress], extra_meta={"repeat": repeat})
+        with EnergyCallbackHandler(meter=meter, idle_power_w=settings.idle_power_w) as handler:
+            return run_trial(settings, llm, inputs=inputs, handler=handler, callbacks=[progress],
+                             extra_meta={"repeat": repeat})
 
     server = _engine_context(settings, out)
     session = run_session(trial, lambda srv: _make_llm(settings, srv, api_key), server=server, power_cap=power_cap,

@@ -219,15 +219,9 @@ class EngineTrialRunner:
         if self.zeusd is None:
             return None
         if self._meter is None:
-            import re
-            import socket
-
-            from langchain_energy.meters import auto_meter
-
             gpus = self.gpu_ids if self.gpu_ids is not None else (
                 list(self.server.gpu_indices) if self.server is not None and self.server.on_gpu else None)
-            node = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname().split(".")[0]) or "node"
-            self._meter = auto_meter(zeusd={node: self.zeusd}, gpu_indices=gpus)
+            self._meter = zeusd_meter(self.zeusd, gpus)
         return self._meter
 
     def _fixed_engine(self) -> dict[str, Any] | None:
@@ -303,3 +297,26 @@ class EngineTrialRunner:
         else:
             self.server.stop()
             self.server = None
+
+
+def zeusd_meter(url: str, gpu_indices: Sequence[int] | None = None) -> Any:
+    """A meter on the ``zeusd`` at ``url`` (``http://host:4938``), its node named after the URL's host (this
+    machine's name for a local daemon), reading ``gpu_indices`` of that node (None: every GPU it reports).
+
+    Raises:
+        ConfigError: ``url`` is not an http(s) URL with a host.
+    """
+    import re
+    import socket
+    from urllib.parse import urlparse
+
+    from langchain_energy.meters import auto_meter
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"--zeusd must be the daemon's http(s) URL (e.g. http://10.0.0.5:4938), got {url!r}")
+    host = parsed.hostname
+    if host in ("127.0.0.1", "localhost", "::1"):
+        host = socket.gethostname().split(".")[0]
+    node = re.sub(r"[^A-Za-z0-9_]", "_", host) or "node"
+    return auto_meter(zeusd={node: url}, gpu_indices=gpu_indices)

@@ -43,3 +43,20 @@ def test_a_worker_meters_only_its_own_gpu_of_the_node(node):
 
 def test_without_zeusd_the_process_meter_is_used():
     assert EngineTrialRunner()._zeusd_meter() is None
+
+
+def test_a_remote_daemon_names_its_node_by_the_urls_host(node):
+    from chains.harness.engine_runner import zeusd_meter
+
+    remote = zeusd_meter(node.url.replace("127.0.0.1", "localhost"))
+    assert all("zeusd@" in p for k, p in remote.components().items() if k.startswith("gpu"))
+    with pytest.raises(Exception, match="http"):
+        zeusd_meter("10.0.0.5:4938")
+
+
+def test_run_refuses_a_zeusd_that_is_not_a_url(capsys):
+    from chains.harness.cli import main
+
+    status = main(["search", "--zeusd", "node1:4938", "--base-url", "http://127.0.0.1:9/v1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "--zeusd" in err[0]
