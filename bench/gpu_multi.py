@@ -18,7 +18,7 @@ ready) to ``--out``; a part already in ``gpu_multi.json`` is not run again (a re
 the missing parts afresh: a wall time is only valid uninterrupted).
 
     python -m bench.gpu_multi --out docs/results/gpu-h200x2-ray
-    python -m bench.gpu_multi --out /tmp/gpu-multi --rehearse   # CPU: the embedded engine, 1 and 2 CPU workers
+    python -m bench.gpu_multi --out results/gpu-multi --rehearse   # CPU: the embedded engine, 1 and 2 CPU workers
 """
 
 from __future__ import annotations
