@@ -407,7 +407,9 @@ class Ledger:
                 lo = max(t0, min(self._live[r].t_start for r in wanted))
                 hi = min(t_cut, max(t_cut if self._live[r].t_end is None else self._live[r].t_end for r in wanted))
             if lo is not None and self._t and hi > lo:
-                spans = self._spans(lo, hi, weighting)
+                # Weights as the whole view has them (an open call's token rate runs to t_cut), then only the
+                # spans inside [lo, hi].
+                spans = [s for s in self._spans(t0, t_cut, weighting) if s.t_start <= hi and s.t_end >= lo]
                 if (lo, hi) != (t0, t_cut) and all(self._live[r].takes_energy_first for r in wanted):
                     spans = [s for s in spans if s.is_call]  # calls take energy first: chains cannot change it
                 result = attribute(self._t, self._e, spans, window=(lo, hi), weighting="tokens",

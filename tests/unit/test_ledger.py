@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from langchain_energy.attribution import Span, attribute, token_rate_weights
@@ -127,8 +127,12 @@ def test_many_open_chains_do_not_make_every_change_a_fold(monkeypatch):
     assert ledger.samples_held < 200
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(histories(), st.sampled_from(["equal", "tokens"]), st.floats(0.0, 1.0))
+@example([("start", 1.0, "r0", None, "llm", (0, 1)), ("start", 2.0, "r1", None, "llm", (0, 1)),
+          ("sample", 3.0, 0.0), ("sample", 4.0, 0.0), ("sample", 5.0, 0.0), ("end", 6.0, "r0"),
+          ("sample", 7.0, 0.5), ("sample", 8.0, 0.5), ("sample", 9.0, 0.5), ("sample", 10.0, 0.5),
+          ("sample", 11.0, 0.5), ("sample", 12.0, 0.5), ("end", 12.6, "r1"), ("sample", 12.7, 7.5)], "tokens", 0.5)
 def test_one_runs_view_is_its_share_in_the_whole_view(events, weighting, cut):
     # A view for a few runs splits only the time they cover; it must give them what the whole view does.
     ledger, recs, _, _ = replay(events[:max(1, int(len(events) * cut))], weighting)
