@@ -26,6 +26,7 @@ from chains.harness.record import STATUS_FAILED, STATUS_INFEASIBLE, STATUS_OK  #
 from chains.harness.store import ResultStore, SweepSpec  # noqa: E402
 from chains.harness.sweep import SweepConfig, run_sweep  # noqa: E402
 from chains.harness.sweep_cli import main  # noqa: E402
+from tests.processes import kill_after_trials  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULTS = {"batch_size": 8, "output_len": 16, "backend": "vllm", "prefix_caching": True, "power_cap_w": None,
@@ -223,15 +224,7 @@ def test_a_killed_driver_resumes_with_every_trial_once(tmp_path):
     cmd = [sys.executable, "-c", KILLED_DRIVER, str(out)]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline and len(list((out / "trials").glob("*.json")) if out.exists() else []) < 3:
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)  # the driver only: its Ray and workers go with it
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_trials(proc, out, 3, timeout_s=90)  # the driver only: its Ray and workers go with it
     partial = ResultStore(out).done_keys()
     assert 3 <= len(partial) < 12
     done = subprocess.run(cmd, env=env, cwd=ROOT, timeout=180, capture_output=True, text=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from chains.harness.sweep_cli import main
 from langchain_energy.errors import InfeasibleConfigError, PowerCapError, PowerCapPermissionError
 from langchain_energy.power import PowerCap, SimulatedGPU
 from chains.harness.store import ResultStore, SweepSpec
+from tests.processes import kill_after_trials
 
 DEFAULTS = {"batch_size": 8, "output_len": 16, "backend": "vllm", "prefix_caching": True, "power_cap_w": None}
 
@@ -239,15 +239,7 @@ def test_resume_after_kill_no_duplicates_no_losses(tmp_path):
     out = tmp_path / "r"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_SWEEP, __file__, str(out)], env=env)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and len(list((out / "trials").glob("*.json")) if out.exists() else []) < 5:
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_trials(proc, out, 5, timeout_s=60)
     partial = ResultStore(out).done_keys()
     assert 5 <= len(partial) < 18
     done = subprocess.run([sys.executable, "-c", KILLED_SWEEP, __file__, str(out)], env=env, timeout=120,
