@@ -406,15 +406,16 @@ class Ledger:
                 # `outside` then covers what is folded only.
                 lo = max(t0, min(self._live[r].t_start for r in wanted))
                 hi = min(t_cut, max(t_cut if self._live[r].t_end is None else self._live[r].t_end for r in wanted))
+            narrowed = (lo, hi) != (t0, t_cut)
             if lo is not None and self._t and hi > lo:
                 # Weights as the whole view has them (an open call's token rate runs to t_cut), then only the
                 # spans inside [lo, hi].
                 spans = [s for s in self._spans(t0, t_cut, weighting) if s.t_start <= hi and s.t_end >= lo]
-                if (lo, hi) != (t0, t_cut) and all(self._live[r].takes_energy_first for r in wanted):
+                if narrowed and all(self._live[r].takes_energy_first for r in wanted):
                     spans = [s for s in spans if s.is_call]  # calls take energy first: chains cannot change it
                 result = attribute(self._t, self._e, spans, window=(lo, hi), weighting="tokens",
                                    only=None if runs is None else set(wanted))
-                if (lo, hi) == (t0, t_cut):
+                if not narrowed:
                     _add_into(outside, result.outside)
                 for s in spans:
                     if s.run_id in received:
@@ -434,12 +435,6 @@ class Ledger:
                     cumulative[rid] = (start, end)
             final = {rid for rid in wanted if rid not in self._live or self._is_final(self._live[rid], weighting)}
             return LedgerView(received=received, cumulative=cumulative, t=t_cut, final=final, outside=outside)
-
-    def is_final(self, run_id: Hashable, weighting: Weighting) -> bool:
-        """Whether a run's split by `weighting` can no longer change (cheap: no split is computed)."""
-        with self._lock:
-            rec = self._live.get(run_id)
-            return rec is None or self._is_final(rec, weighting)
 
     def _is_final(self, rec: RunRecord, weighting: str) -> bool:
         """A run's split is final once it has ended, a sample covers its end, and every call that overlapped
