@@ -389,8 +389,8 @@ class Ledger:
         Args:
             weighting: ``"equal"`` or ``"tokens"``.
             t: the instant to cover up to; open runs count as running until then.
-            runs: the run ids wanted (all known ones by default); for runs still live, only the time they cover
-                is split, and `outside` then holds only what is folded.
+            runs: the run ids wanted (all known ones by default); for live calls, only the time they cover is
+                split, and `outside` then holds only what is folded.
         """
         with self._lock:
             folded = self._received[weighting]
@@ -400,10 +400,12 @@ class Ledger:
             t0 = self._folded_to
             outside = dict(self.outside_j)
             lo, hi = t0, t_cut
-            if runs is not None and t0 is not None and wanted and all(r in self._live for r in wanted):
-                # Only these runs' shares: splitting the time they cover gives them what the whole window
-                # would (splits compose over pieces), at a cost that does not grow with everything else open.
-                # `outside` then covers what is folded only.
+            if runs is not None and t0 is not None and wanted and all(
+                    r in self._live and self._live[r].takes_energy_first for r in wanted):
+                # Only these calls' shares: splitting the time they cover gives them what the whole window
+                # would (splits compose over pieces, and a call's share depends only on the calls beside it),
+                # at a cost that does not grow with everything else open. `outside` then covers what is folded
+                # only. (A chain's share depends on its descendants' ancestry, so chains take the whole window.)
                 lo = max(t0, min(self._live[r].t_start for r in wanted))
                 hi = min(t_cut, max(t_cut if self._live[r].t_end is None else self._live[r].t_end for r in wanted))
             narrowed = (lo, hi) != (t0, t_cut)
@@ -411,7 +413,7 @@ class Ledger:
                 # Weights as the whole view has them (an open call's token rate runs to t_cut), then only the
                 # spans inside [lo, hi].
                 spans = [s for s in self._spans(t0, t_cut, weighting) if s.t_start <= hi and s.t_end >= lo]
-                if narrowed and all(self._live[r].takes_energy_first for r in wanted):
+                if narrowed:
                     spans = [s for s in spans if s.is_call]  # calls take energy first: chains cannot change it
                 result = attribute(self._t, self._e, spans, window=(lo, hi), weighting="tokens",
                                    only=None if runs is None else set(wanted))

@@ -133,6 +133,11 @@ def test_many_open_chains_do_not_make_every_change_a_fold(monkeypatch):
           ("sample", 3.0, 0.0), ("sample", 4.0, 0.0), ("sample", 5.0, 0.0), ("end", 6.0, "r0"),
           ("sample", 7.0, 0.5), ("sample", 8.0, 0.5), ("sample", 9.0, 0.5), ("sample", 10.0, 0.5),
           ("sample", 11.0, 0.5), ("sample", 12.0, 0.5), ("end", 12.6, "r1"), ("sample", 12.7, 7.5)], "tokens", 0.5)
+@example([("start", 1.0, "r0", None, "chain", (0, 0)), ("sample", 2.0, 0.0), ("start", 3.0, "r1", "r0", "llm", (0, 0)),
+          ("start", 4.0, "r2", "r1", "chain", (0, 0)), ("end", 5.0, "r1"),
+          *[("sample", float(t), 0.0) for t in range(6, 14)], ("start", 14.0, "r3", None, "chain", (0, 0)),
+          ("end", 15.0, "r0"), ("sample", 16.0, 0.5), ("sample", 17.0, 0.5), ("end", 18.0, "r2"),
+          ("end", 19.0, "r3"), ("sample", 20.0, 0.5), ("sample", 21.0, 0.5), ("sample", 22.0, 0.5)], "equal", 1.0)
 def test_one_runs_view_is_its_share_in_the_whole_view(events, weighting, cut):
     # A view for a few runs splits only the time they cover; it must give them what the whole view does.
     ledger, recs, _, _ = replay(events[:max(1, int(len(events) * cut))], weighting)
