@@ -16,12 +16,11 @@ decode (after) when the first-token time is known. Everything here is a pure fun
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
-
-import numpy as np
 
 from langchain_energy.errors import ConfigError
 
@@ -171,14 +170,14 @@ def attribute(
     if weighting not in ("equal", "tokens"):
         raise ConfigError(f"weighting must be 'equal' or 'tokens', got {weighting!r}")
     components = tuple(cumulative)
-    ts = np.asarray(times, dtype=float)
+    ts = [float(t) for t in times]
     if any(len(v) != len(ts) for v in cumulative.values()):
         raise ConfigError("every cumulative series must have one value per sample time")
-    if len(ts) > 1 and np.any(np.diff(ts) <= 0):
+    if any(b <= a for a, b in zip(ts, ts[1:])):
         raise ConfigError("sample times must be strictly increasing")
     if window is None:
         if not spans:
-            t0 = t1 = float(ts[0]) if len(ts) else 0.0
+            t0 = t1 = ts[0] if ts else 0.0
         else:
             t0, t1 = min(s.t_start for s in spans), max(s.t_end for s in spans)
     else:
@@ -189,6 +188,10 @@ def attribute(
     def clip(x: float) -> float:
         return min(max(x, t0), t1)
 
+    if len(spans) == 1 and spans[0].is_call and spans[0].t_start <= t0 and spans[0].t_end >= t1:
+        return _one_call(ts, cumulative, spans[0], (t0, t1), clip(spans[0].t_first_token)
+                         if spans[0].t_first_token is not None else None, only)
+
     # Cut points: the window, interior samples, and every run boundary inside the window.
     cuts = {t0, t1}
     cuts.update(float(t) for t in ts if t0 < t < t1)
@@ -197,80 +200,114 @@ def attribute(
         cuts.add(clip(s.t_end))
         if s.t_first_token is not None:
             cuts.add(clip(s.t_first_token))
-    grid = np.array(sorted(cuts))
+    grid = sorted(cuts)
 
     # Cumulative joules at the cuts, relative to t0 so that values stay near the window's total (precision).
-    seg: dict[str, np.ndarray] = {}
+    # Plain Python: most calls split a few pieces (one call's window), where array set-up would cost the most.
+    seg: dict[str, list[float]] = {}
     total: Energy = {}
     for c in components:
-        ys = np.asarray(cumulative[c], dtype=float)
-        if len(ts) == 0:
-            at = np.zeros_like(grid)
-        else:
-            at = np.interp(grid, ts, ys)
-        at = at - at[0]
-        seg[c] = np.diff(at)
-        total[c] = float(at[-1])
+        ys = [float(y) for y in cumulative[c]]
+        at = _interpolate_sorted(ts, ys, grid)
+        rel = [x - at[0] for x in at]
+        seg[c] = [b - a for a, b in zip(rel, rel[1:])]
+        total[c] = rel[-1]
 
-    wanted = [s for s in spans if only is None or s.run_id in only]
-    direct: dict[Hashable, Energy] = {s.run_id: {c: 0.0 for c in components} for s in wanted}
-    prefill: dict[Hashable, Energy] = {
-        s.run_id: {c: 0.0 for c in components} for s in wanted if s.is_call and s.t_first_token is not None
-    }
-    decode: dict[Hashable, Energy] = {k: {c: 0.0 for c in components} for k in prefill}
-    outside = {c: 0.0 for c in components}
-    share_s: dict[Hashable, float] = {s.run_id: 0.0 for s in wanted}
+    # The sweep works on span indices and component positions (run ids such as UUIDs hash slowly).
+    n, width = len(spans), len(components)
+    segs = [seg[c] for c in components]
+    starts = [clip(s.t_start) for s in spans]
+    ends = [clip(s.t_end) for s in spans]
+    wanted = [only is None or s.run_id in only for s in spans]
+    own = [[0.0] * width for _ in spans]
+    phased = [s.is_call and s.t_first_token is not None for s in spans]
+    pre = [[0.0] * width if p else None for p in phased]
+    dec = [[0.0] * width if p else None for p in phased]
+    seconds = [0.0] * n
+    out_e = [0.0] * width
     outside_s = 0.0
+    index_of = {s.run_id: i for i, s in enumerate(spans)}
+    parent = [index_of.get(s.parent_id) if s.parent_id is not None else None for s in spans]
 
-    by_id = {s.run_id: s for s in spans}
-    order = sorted(range(len(spans)), key=lambda i: clip(spans[i].t_start))
-    active: dict[Hashable, Span] = {}
+    order = sorted(range(n), key=starts.__getitem__)
+    active: dict[int, None] = {}  # an ordered set
     nxt = 0
     for k in range(len(grid) - 1):
         a, b = grid[k], grid[k + 1]
-        while nxt < len(order) and clip(spans[order[nxt]].t_start) <= a:
-            s = spans[order[nxt]]
-            active[s.run_id] = s
+        while nxt < n and starts[order[nxt]] <= a:
+            active[order[nxt]] = None
             nxt += 1
-        for rid in [rid for rid, s in active.items() if clip(s.t_end) <= a]:
-            del active[rid]
+        for i in [i for i in active if ends[i] <= a]:
+            del active[i]
         if b <= a:
             continue
-        piece = {c: float(seg[c][k]) for c in components}
-        calls = [s for s in active.values() if s.is_call]
+        calls = [i for i in active if spans[i].is_call]
         if calls:
-            weights = _weights(calls, a, weighting)
+            weights = _weights([spans[i] for i in calls], a, weighting)
             wsum = math.fsum(weights)
-            for s, w in zip(calls, weights):
-                if s.run_id not in direct:
-                    continue  # not wanted
+            for i, w in zip(calls, weights):
+                if not wanted[i]:
+                    continue
                 share = w / wsum
-                share_s[s.run_id] += (b - a) * share
-                tgt = direct[s.run_id]
-                phase = None
-                if s.run_id in prefill:
-                    phase = prefill[s.run_id] if a < s.t_first_token else decode[s.run_id]  # type: ignore[operator]
-                for c, e in piece.items():
-                    tgt[c] += e * share
+                seconds[i] += (b - a) * share
+                tgt = own[i]
+                phase = (pre[i] if a < spans[i].t_first_token else dec[i]) if phased[i] else None  # type: ignore[operator]
+                for j in range(width):
+                    e = segs[j][k] * share
+                    tgt[j] += e
                     if phase is not None:
-                        phase[c] += e * share
+                        phase[j] += e
             continue
-        inner = _innermost(active, by_id)
+        inner = _innermost(active, parent)
         if inner:
             share = 1.0 / len(inner)
-            for rid in inner:
-                if rid not in direct:
-                    continue  # not wanted
-                share_s[rid] += (b - a) * share
-                tgt = direct[rid]
-                for c, e in piece.items():
-                    tgt[c] += e * share
+            for i in inner:
+                if not wanted[i]:
+                    continue
+                seconds[i] += (b - a) * share
+                tgt = own[i]
+                for j in range(width):
+                    tgt[j] += segs[j][k] * share
         else:
             outside_s += b - a
-            for c, e in piece.items():
-                outside[c] += e
+            for j in range(width):
+                out_e[j] += segs[j][k]
+
+    direct: dict[Hashable, Energy] = {}
+    prefill: dict[Hashable, Energy] = {}
+    decode: dict[Hashable, Energy] = {}
+    share_s: dict[Hashable, float] = {}
+    for i, s in enumerate(spans):
+        if not wanted[i]:
+            continue
+        _add_at(direct.setdefault(s.run_id, dict.fromkeys(components, 0.0)), components, own[i])
+        share_s[s.run_id] = share_s.get(s.run_id, 0.0) + seconds[i]
+        if phased[i]:
+            _add_at(prefill.setdefault(s.run_id, dict.fromkeys(components, 0.0)), components, pre[i])  # type: ignore[arg-type]
+            _add_at(decode.setdefault(s.run_id, dict.fromkeys(components, 0.0)), components, dec[i])  # type: ignore[arg-type]
+    outside = dict(zip(components, out_e))
     return Attribution(total=total, direct=direct, prefill=prefill, decode=decode, outside=outside,
                        window=(t0, t1), components=components, share_s=share_s, outside_s=outside_s)
+
+
+def _one_call(ts: list[float], cumulative: Mapping[str, Sequence[float]], span: Span, window: tuple[float, float],
+              first_token: float | None, only: Collection[Hashable] | None) -> Attribution:
+    """`attribute` when one call covers the whole window: every piece is its own (the common case of a lone
+    call's split, in closed form)."""
+    t0, t1 = window
+    components = tuple(cumulative)
+    at = {c: [interpolate(ts, cumulative[c], x) for x in (t0, first_token if first_token is not None else t1, t1)]
+          for c in components}
+    total = {c: (v[2] - v[0]) for c, v in at.items()}
+    wanted = only is None or span.run_id in only
+    direct = {span.run_id: dict(total)} if wanted else {}
+    prefill = decode = {}
+    if wanted and span.t_first_token is not None:
+        prefill = {span.run_id: {c: v[1] - v[0] for c, v in at.items()}}
+        decode = {span.run_id: {c: (v[2] - v[0]) - (v[1] - v[0]) for c, v in at.items()}}
+    return Attribution(total=total, direct=direct, prefill=prefill, decode=decode,
+                       outside={c: 0.0 for c in components}, window=window, components=components,
+                       share_s={span.run_id: t1 - t0} if wanted else {}, outside_s=0.0)
 
 
 def _weights(calls: list[Span], a: float, weighting: Weighting) -> list[float]:
@@ -285,16 +322,59 @@ def _weights(calls: list[Span], a: float, weighting: Weighting) -> list[float]:
     return ws
 
 
-def _innermost(active: Mapping[Hashable, Span], by_id: Mapping[Hashable, Span]) -> list[Hashable]:
-    """Active runs none of whose active descendants exist: the deepest open scopes."""
-    ancestors: set[Hashable] = set()
-    for s in active.values():
-        p, seen = s.parent_id, {s.run_id}
-        while p is not None and p in by_id and p not in seen:
+def _innermost(active: Iterable[int], parent: Sequence[int | None]) -> list[int]:
+    """Active runs (span indices) none of whose active descendants exist: the deepest open scopes."""
+    ancestors: set[int] = set()
+    for i in active:
+        p, seen = parent[i], {i}
+        while p is not None and p not in seen:  # 'seen' guards against a cyclic parent map
             seen.add(p)
             ancestors.add(p)
-            p = by_id[p].parent_id
-    return [rid for rid in active if rid not in ancestors]
+            p = parent[p]
+    return [i for i in active if i not in ancestors]
+
+
+def _add_at(target: dict[str, float], components: Sequence[str], values: Sequence[float]) -> None:
+    for c, v in zip(components, values):
+        target[c] += v
+
+
+def _interpolate_sorted(ts: Sequence[float], ys: Sequence[float], grid: Sequence[float]) -> list[float]:
+    """`interpolate` at every point of a sorted grid, in one walk along the samples."""
+    if not ts:
+        return [0.0] * len(grid)
+    out, i, last = [], 0, len(ts) - 1
+    for g in grid:
+        if g <= ts[0]:
+            out.append(ys[0])
+            continue
+        if g >= ts[last]:
+            out.append(ys[last])
+            continue
+        while ts[i + 1] <= g:  # afterwards ts[i] <= g < ts[i + 1]
+            i += 1
+        out.append(ys[i] + (ys[i + 1] - ys[i]) * (g - ts[i]) / (ts[i + 1] - ts[i]))
+    return out
+
+
+def interpolate(ts: Sequence[float], ys: Sequence[float], t: float) -> float:
+    """Piecewise-linear value of the series (ts, ys) at t, held constant beyond both ends.
+
+    Example:
+        >>> interpolate([0.0, 2.0], [0.0, 10.0], 0.5)
+        2.5
+    """
+    if not ts:
+        return 0.0
+    if t <= ts[0]:
+        return ys[0]
+    if t >= ts[-1]:
+        return ys[-1]
+    i = bisect.bisect_right(ts, t)
+    t0, t1 = ts[i - 1], ts[i]
+    if t1 == t0:
+        return ys[i]
+    return ys[i - 1] + (ys[i] - ys[i - 1]) * (t - t0) / (t1 - t0)
 
 
 def active_energy(total_j: float, duration_s: float, idle_power_w: float) -> float:

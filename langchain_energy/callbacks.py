@@ -7,19 +7,20 @@ the process, whichever handler recorded it. Tables are built by `langchain_energ
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import BaseMessage, get_buffer_string
+from langchain_core.messages import AIMessage, BaseMessage, get_buffer_string
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.tracers.context import register_configure_hook
 
@@ -171,6 +172,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         self._lease: _Lease | None = None
         self._finalizer: weakref.finalize | None = None
         self._cache: tuple[tuple[int, float], Accounts] | None = None
+        self._final_calls: dict[Hashable, dict[str, Any]] = {}  # a call's split once final: it cannot change
         self._frozen: tuple[list[RunRecord], Accounts] | None = None
         self._warned_end_only = False
         self._also: EnergyCallbackHandler | None = None  # an enclosing `energy_callback()` block's handler
@@ -282,9 +284,11 @@ class EnergyCallbackHandler(BaseCallbackHandler):
             self._sample_edge()
 
     def _sample_edge(self) -> None:
-        """Sample at every call's edges, not interpolate across a counter step. A sample younger than
-        `_EDGE_FRESH_S` is that edge already: no counter (NVML steps every ~100 ms, RAPL every ~1 ms) can show
-        anything new so soon, and rapid-fire calls then cost one meter read, not one each."""
+        """Sample at a call's start (and a workflow's edges), not interpolate across a counter step: on a GPU
+        a call that follows idle time would otherwise lose part of its first interval to the time before it. A
+        sample younger than `_EDGE_FRESH_S` is that edge already (rapid-fire calls cost one read, not one each).
+        A call's end is always covered by a sample (`Timeline.sample_covering`): its split is final when it
+        ends."""
         self.timeline.sample_if_stale(_EDGE_FRESH_S, edge=True)
 
     def _end_only_call(self, run_id: UUID, parent_run_id: UUID | None, t: float, response: LLMResult) -> RunRecord:
@@ -336,7 +340,9 @@ class EnergyCallbackHandler(BaseCallbackHandler):
             if response is not None:
                 self._read_response(rec, response)
             rec.prompt_text = None
-        if rec.takes_energy_first or rec.root_run_id == rec.run_id:
+        if rec.is_call:
+            self.timeline.sample_covering(rec.t_end)  # the split is final, and on the response, at the call's end
+        elif rec.root_run_id == rec.run_id:
             self._sample_edge()
         self.ledger.changed()
         if response is not None and rec.is_call:
@@ -377,17 +383,22 @@ class EnergyCallbackHandler(BaseCallbackHandler):
                     g.generation_info = {**(g.generation_info or {}), "energy": energy}
 
     def _call_energy(self, rec: RunRecord) -> dict[str, Any] | None:
+        known = self._final_calls.get(rec.run_id)
+        if known is not None:
+            return {**known, "provenance": dict(known["provenance"])}
         view = self.ledger.view(self.weighting, runs=[rec.run_id])
         received = view.received.get(rec.run_id)
         if received is None:
             return None
-        cols = EnergyColumns(self.timeline.attributed_provenance())
+        cols = _columns(tuple(self.timeline.attributed_provenance().items()))
         out: dict[str, Any] = dict(cols.columns(received.energy))
         if received.prefill is not None:
             out["prefill_energy_j"] = cols.columns(received.prefill)["energy_j"]
             out["decode_energy_j"] = cols.columns(received.decode or {})["energy_j"]
         out["provenance"] = dict(cols.groups)
         out["final"] = rec.run_id in view.final
+        if out["final"]:
+            self._final_calls[rec.run_id] = {**out, "provenance": dict(out["provenance"])}
         return out
 
     def _read_response(self, rec: RunRecord, response: LLMResult) -> None:
@@ -474,6 +485,26 @@ class EnergyCallbackHandler(BaseCallbackHandler):
                         t_start=call.t_start, t_end=t_end, status="ok")
         with self._lock:
             self._runs[run_id] = self.ledger.open(rec)
+
+    # Calls metered from outside LangChain's callbacks ---------------------------------------------------------
+    def start_call(self, name: str, metadata: Mapping[str, Any] | None = None) -> UUID:
+        """Record the start of a chat-model call that no callback reports (a middleware around the call).
+
+        Returns:
+            The call's run id, for `end_call` and `energy_of`.
+        """
+        run_id = uuid4()
+        self._start(run_id, None, "chat_model", name, None, dict(metadata or {}))
+        return run_id
+
+    def end_call(self, run_id: UUID, messages: Sequence[BaseMessage] = (), error: BaseException | None = None) -> None:
+        """Record the end of a call from `start_call`: tokens from its AI messages' usage, and for this
+        package's models the call's joules on the message, as the callbacks would."""
+        if error is not None:
+            self._finish(run_id, "error", error=error)
+            return
+        answers = [[ChatGeneration(message=m)] for m in messages if isinstance(m, AIMessage)]
+        self._finish(run_id, "ok", response=LLMResult(generations=answers) if answers else None)
 
     # LangChain callback methods -------------------------------------------------------------------------
     def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID,
@@ -568,6 +599,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         with self._lock:
             ids = list(self._runs)
             self._runs.clear()
+            self._final_calls.clear()
             self._frozen = None
             self._cache = None
         self.ledger.release(ids)
@@ -724,6 +756,12 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         if self.timeline.errors:
             lines.append(f"meter read failures: {self.timeline.errors} (last: {self.timeline.last_error})")
         return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=16)
+def _columns(provenance: tuple[tuple[str, str], ...]) -> EnergyColumns:
+    """The columns for one provenance (it changes only when an engine registers its GPUs): built once."""
+    return EnergyColumns(dict(provenance))
 
 
 def _copy(r: RunRecord) -> RunRecord:

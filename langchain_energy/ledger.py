@@ -19,7 +19,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_energy.attribution import Span, Weighting, attribute, token_rate_weights
+from langchain_energy.attribution import Span, Weighting, attribute, interpolate, token_rate_weights
 
 #: Run kinds that take energy first. ``engine_start`` is a managed engine starting inside a call: its joules
 #: are shown on a run of their own and never in a call's.
@@ -157,6 +157,8 @@ class Ledger:
         self._raw: dict[str, float] = {}  # the meter's last cumulative value per component
         self._offset: dict[str, float] = {}  # joules of held components, never attributed
         self._live: dict[Hashable, RunRecord] = {}  # runs that can still receive joules
+        self._calls: dict[Hashable, RunRecord] = {}  # the live runs that take energy first (calls)
+        self._unmarked: dict[Hashable, RunRecord] = {}  # live runs whose edge marks are not both fixed yet
         self._holders: dict[Hashable, int] = {}
         # One table per weighting someone reads (`use`): a fold computes only the splits that are asked for.
         self._received: dict[str, dict[Hashable, Received]] = {"equal": {}}
@@ -225,6 +227,9 @@ class Ledger:
                 self._holders[rec.run_id] = self._holders.get(rec.run_id, 0) + 1
                 return known if known is not None else rec
             self._live[rec.run_id] = rec
+            if rec.takes_energy_first:
+                self._calls[rec.run_id] = rec
+            self._unmarked[rec.run_id] = rec
             self._holders[rec.run_id] = 1
             self._cum[rec.run_id] = [None, None]
             for table in self._received.values():
@@ -279,8 +284,8 @@ class Ledger:
         if not self._t:
             return None
         limit = self._t[-1]
-        for r in self._live.values():
-            if r.takes_energy_first and r.t_end is None:
+        for r in self._calls.values():
+            if r.t_end is None:
                 limit = min(limit, r.t_start)
         return limit
 
@@ -289,14 +294,17 @@ class Ledger:
         if not self._t:
             return
         last = self._t[-1]
-        for rid, rec in self._live.items():
+        for rid, rec in list(self._unmarked.items()):
             marks = self._cum.get(rid)
             if marks is None:
+                del self._unmarked[rid]
                 continue
             if marks[0] is None and rec.t_start <= last:
                 marks[0] = self._cumulative_at(rec.t_start)
             if marks[1] is None and rec.t_end is not None and rec.t_end <= last:
                 marks[1] = self._cumulative_at(rec.t_end)
+            if marks[0] is not None and marks[1] is not None:
+                del self._unmarked[rid]
 
     def _cumulative_at(self, t: float) -> dict[str, float]:
         return {c: interpolate(self._t, self._e[c], t) for c in self.components}
@@ -344,21 +352,28 @@ class Ledger:
         self._folded_to = upto
         for rid in [rid for rid, r in self._live.items() if r.t_end is not None and r.t_end <= upto]:
             del self._live[rid]
+            self._calls.pop(rid, None)
+            self._unmarked.pop(rid, None)
             if rid not in self._holders:
                 self._drop(rid)
 
-    def _spans(self, t0: float, t1: float, weighting: str) -> list[Span]:
-        """Spans of the live runs that overlap [t0, t1], open ones clipped at t1, with their weights."""
+    def _spans(self, t0: float, t1: float, weighting: str, calls_only: bool = False,
+               within: tuple[float, float] | None = None) -> list[Span]:
+        """Spans of the live runs (or only the calls) that overlap [t0, t1] (or `within`), open ones clipped at
+        t1, with their weights."""
+        lo, hi = within if within is not None else (t0, t1)
         spans = []
-        batch_tokens: dict[Hashable, list[int | None]] = {}
-        for r in self._live.values():
-            if r.timing == "batch" and r.batch_key is not None:
-                batch_tokens.setdefault(r.batch_key, []).append(r.tokens)
-        for r in self._live.values():
+        batch_tokens: dict[Hashable, list[int | None]] | None = None  # gathered when a batch member needs it
+        for r in (self._calls if calls_only else self._live).values():
             end = r.t_end if r.t_end is not None else max(t1, r.t_start)
-            if r.t_start > t1 or end < t0:
+            if r.t_start > hi or end < lo:
                 continue
-            pw, dw = self._weights(r, end, weighting, batch_tokens)
+            if batch_tokens is None and r.timing == "batch":
+                batch_tokens = {}
+                for c in self._calls.values():  # batch members are calls
+                    if c.timing == "batch" and c.batch_key is not None:
+                        batch_tokens.setdefault(c.batch_key, []).append(c.tokens)
+            pw, dw = self._weights(r, end, weighting, batch_tokens or {})
             first = r.t_first_token if r.takes_energy_first else None
             parent = r.parent_run_id if r.parent_run_id in self._live else None
             spans.append(Span(run_id=r.run_id, t_start=r.t_start, t_end=end, is_call=r.takes_energy_first,
@@ -400,23 +415,23 @@ class Ledger:
             t0 = self._folded_to
             outside = dict(self.outside_j)
             lo, hi = t0, t_cut
-            if runs is not None and t0 is not None and wanted and all(
-                    r in self._live and self._live[r].takes_energy_first for r in wanted):
+            narrowed = runs is not None and t0 is not None and bool(wanted) and all(r in self._calls for r in wanted)
+            if narrowed:
                 # Only these calls' shares: splitting the time they cover gives them what the whole window
                 # would (splits compose over pieces, and a call's share depends only on the calls beside it),
                 # at a cost that does not grow with everything else open. `outside` then covers what is folded
                 # only. (A chain's share depends on its descendants' ancestry, so chains take the whole window.)
-                lo = max(t0, min(self._live[r].t_start for r in wanted))
-                hi = min(t_cut, max(t_cut if self._live[r].t_end is None else self._live[r].t_end for r in wanted))
-            narrowed = (lo, hi) != (t0, t_cut)
+                lo = max(t0, min(self._calls[r].t_start for r in wanted))
+                hi = min(t_cut, max(t_cut if self._calls[r].t_end is None else self._calls[r].t_end for r in wanted))
             if lo is not None and self._t and hi > lo:
                 # Weights as the whole view has them (an open call's token rate runs to t_cut), then only the
-                # spans inside [lo, hi].
-                spans = [s for s in self._spans(t0, t_cut, weighting) if s.t_start <= hi and s.t_end >= lo]
-                if narrowed:
-                    spans = [s for s in spans if s.is_call]  # calls take energy first: chains cannot change it
-                result = attribute(self._t, self._e, spans, window=(lo, hi), weighting="tokens",
-                                   only=None if runs is None else set(wanted))
+                # spans inside [lo, hi] (only the calls', when narrowed: chains cannot change a call's share).
+                spans = self._spans(t0, t_cut, weighting, calls_only=narrowed, within=(lo, hi))
+                # The samples that bracket [lo, hi] interpolate it exactly as all of them would.
+                first = max(bisect.bisect_right(self._t, lo) - 1, 0)
+                last = bisect.bisect_left(self._t, hi) + 1
+                result = attribute(self._t[first:last], {c: v[first:last] for c, v in self._e.items()}, spans,
+                                   window=(lo, hi), weighting="tokens", only=None if runs is None else set(wanted))
                 if not narrowed:
                     _add_into(outside, result.outside)
                 for s in spans:
@@ -443,7 +458,7 @@ class Ledger:
         it has ended too or (equal weights) is a lone call, whose end can only come later."""
         if rec.t_end is None or not self._t or self._t[-1] < rec.t_end:
             return False
-        others = [o for o in self._live.values() if o.takes_energy_first and o.t_start < rec.t_end and o is not rec]
+        others = [o for o in self._calls.values() if o.t_start < rec.t_end and o is not rec]
         if weighting == "equal" and rec.timing != "batch":
             # Open lone calls will end after now; an open batch member may still end in the past.
             return all(o.t_end is not None or o.batch_size == 1 for o in others)
@@ -452,24 +467,4 @@ class Ledger:
     def open_calls(self) -> int:
         """How many calls are open now."""
         with self._lock:
-            return sum(1 for r in self._live.values() if r.takes_energy_first and r.t_end is None)
-
-
-def interpolate(ts: list[float], ys: list[float], t: float) -> float:
-    """Piecewise-linear value of the series (ts, ys) at t, held constant beyond both ends.
-
-    Example:
-        >>> interpolate([0.0, 2.0], [0.0, 10.0], 0.5)
-        2.5
-    """
-    if not ts:
-        return 0.0
-    if t <= ts[0]:
-        return ys[0]
-    if t >= ts[-1]:
-        return ys[-1]
-    i = bisect.bisect_right(ts, t)
-    t0, t1 = ts[i - 1], ts[i]
-    if t1 == t0:
-        return ys[i]
-    return ys[i - 1] + (ys[i] - ys[i - 1]) * (t - t0) / (t1 - t0)
+            return sum(1 for r in self._calls.values() if r.t_end is None)

@@ -18,13 +18,14 @@ from langchain.agents.middleware.types import (
     ModelResponse,
     OmitFromInput,
 )
-from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.callbacks import BaseCallbackHandler, BaseCallbackManager
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.tracers.context import register_configure_hook
 from langgraph.types import Command
 
-from langchain_energy.callbacks import EnergyCallbackHandler
+from langchain_energy.callbacks import EnergyCallbackHandler, _energy_callback_var
 from langchain_energy.errors import ConfigError
 
 __all__ = ["EnergyBudgetMiddleware", "EnergyBudgetState"]
@@ -52,8 +53,29 @@ class _CallWatch(BaseCallbackHandler):
         self.run_ids.append(run_id)
 
 
-# Handlers in these variables join every LangChain run configured in the context (like `energy_callback()`),
-# so that a model call is metered whatever model class answers it and however the agent passes config.
+class _Call:
+    """One model call of the agent as metered: the run ids behind it and the messages it answered."""
+
+    def __init__(self) -> None:
+        self.run_ids: list[UUID] = []
+        self.messages: list[BaseMessage] = []
+
+
+def _handlers_of(callbacks: Any) -> list[Any]:
+    if isinstance(callbacks, BaseCallbackManager):
+        return list(callbacks.handlers)
+    return list(callbacks or [])
+
+
+def _model_name(model: Any) -> str:
+    try:
+        return str(model._get_ls_params().get("ls_model_name") or type(model).__name__)
+    except Exception:  # a model without LangSmith parameters
+        return type(model).__name__
+
+
+# When an energy handler already meters the agent's model calls, handlers in these variables join every LangChain
+# run configured in the context (like `energy_callback()`), so both handlers hold the one record of each call.
 _watch_var: ContextVar[_CallWatch | None] = ContextVar("langchain_energy_budget_watch", default=None)
 _meter_var: ContextVar[EnergyCallbackHandler | None] = ContextVar("langchain_energy_budget_meter", default=None)
 register_configure_hook(_watch_var, inheritable=True)
@@ -170,13 +192,38 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         out["exhausted"] = self._spent(out) is not None
         return out
 
+    def _metered_elsewhere(self, model: Any) -> bool:
+        """Whether an energy handler on this handler's ledger already sees the model call (the agent's callbacks,
+        the model's own, or an `energy_callback()` block): then the call is one record both handlers hold."""
+        config = var_child_runnable_config.get() or {}
+        around = [*_handlers_of(config.get("callbacks")), *_handlers_of(getattr(model, "callbacks", None)),
+                  _energy_callback_var.get()]
+        ledger = self.handler.ledger
+        return any(isinstance(h, EnergyCallbackHandler) and h.ledger is ledger for h in around)
+
     @contextmanager
-    def _metered(self) -> Iterator[_CallWatch]:
+    def _metered(self, model: Any) -> Iterator[_Call]:
+        """Meter one model call. Alone, the middleware records the call itself around it: no callback handler
+        joins the model call, so LangChain's callback machinery costs nothing. Beside the user's energy handler,
+        its handler joins that call's callbacks, so the call stays one record in the ledger."""
+        call = _Call()
+        meter = self.handler
+        if not self._metered_elsewhere(model):
+            run_id = meter.start_call(_model_name(model))
+            call.run_ids.append(run_id)
+            try:
+                yield call
+            except BaseException as exc:
+                meter.end_call(run_id, error=exc)
+                raise
+            meter.end_call(run_id, call.messages)
+            return
         watch = _CallWatch()
+        watch.run_ids = call.run_ids
         watch_token = _watch_var.set(watch)
-        meter_token = _meter_var.set(self.handler)
+        meter_token = _meter_var.set(meter)
         try:
-            yield watch
+            yield call
         finally:
             _meter_var.reset(meter_token)
             _watch_var.reset(watch_token)
@@ -217,9 +264,10 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         stopped = self._stopped(summary)
         if stopped is not None:
             return stopped
-        with self._metered() as watch:
+        with self._metered(request.model) as call:
             response = handler(request)
-        summary = self._add_call(summary, watch.run_ids, response.result, fallback)
+            call.messages = response.result
+        summary = self._add_call(summary, call.run_ids, response.result, fallback)
         return ExtendedModelResponse(model_response=response, command=Command(update={"energy": summary}))
 
     async def awrap_model_call(self, request: ModelRequest,
@@ -229,7 +277,8 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         stopped = self._stopped(summary)
         if stopped is not None:
             return stopped
-        with self._metered() as watch:
+        with self._metered(request.model) as call:
             response = await handler(request)
-        summary = self._add_call(summary, watch.run_ids, response.result, fallback)
+            call.messages = response.result
+        summary = self._add_call(summary, call.run_ids, response.result, fallback)
         return ExtendedModelResponse(model_response=response, command=Command(update={"energy": summary}))

@@ -107,6 +107,8 @@ class Timeline:
         self._cpu_total: list[float] = []
         self._data_lock = threading.Lock()
         self._ctl_lock = threading.Lock()
+        self._edge_lock = threading.Lock()
+        self._held: tuple[frozenset[int] | None, frozenset[str]] | None = None
         self._refs = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -202,7 +204,10 @@ class Timeline:
 
     def _held_components(self) -> frozenset[str]:
         served = served_gpus()
-        return frozenset(k for k in self.provenance if not is_attributed(k, served))
+        known = self._held
+        if known is None or known[0] != served:  # it changes only when an engine registers its GPUs
+            known = self._held = (served, frozenset(k for k in self.provenance if not is_attributed(k, served)))
+        return known[1]
 
     def attributed_provenance(self) -> dict[str, str]:
         """Provenance of the components whose joules are shared among calls (GPUs the engines serve on)."""
@@ -214,6 +219,15 @@ class Timeline:
         last = self.last_sample_t
         if last is None or self.clock() - last >= max_age_s:
             self.sample_now(edge=edge)
+
+    def sample_covering(self, t: float) -> None:
+        """Make sure a sample at or after `t` exists, reading the meter only if none does (a call's end: its split
+        is final only once a sample covers it). Callers at once share one read: each waits for the read in
+        progress, which covers every end stamped before it began."""
+        with self._edge_lock:
+            last = self.last_sample_t
+            if last is None or last < t:
+                self.sample_now(edge=True)
 
     def _thin(self) -> None:
         # Keep the first and last samples and every other one between: cumulative values make this lossless

@@ -16,7 +16,9 @@ the busy fraction of all logical CPUs between two readings, counted over one of 
 
 The label says which: ``estimated:linear-tdp/process-tree`` or ``estimated:linear-tdp/machine``. DRAM under
 this model is a constant of the machine, so its label is always ``.../machine``. Energy is power integrated
-over the time between readings. The linear model was chosen over CodeCarbon's cubic
+over the time between readings; utilization
+is measured over windows of at least ``utilization_window_s`` (CPU times step once per 10 ms clock tick), and a
+reading within a window carries the last measured utilization on. The linear model was chosen over CodeCarbon's cubic
 ``tdp * (0.1 + 0.9 * load**3)`` because it does not flatten the middle loads that a one-core inference engine
 produces; both are guesses, hence the label.
 """
@@ -285,6 +287,8 @@ class EstimatedMeter:
         process_tree_roots: more PIDs whose trees count under ``"process-tree"`` (e.g. a vLLM server started
             outside this process on the same host); `add_pids` registers more later.
         rescan_s: under ``"process-tree"``, seconds between searches for new descendants.
+        utilization_window_s: the shortest interval utilization is measured over (also the meter's
+            ``resolution_s``); a reading sooner than that after the last measurement carries it on.
 
     Example:
         >>> meter = EstimatedMeter(PowerModel(cpu_tdp_w=65.0))
@@ -302,6 +306,7 @@ class EstimatedMeter:
         scope: CpuScope = "process-tree",
         process_tree_roots: Iterable[int] = (),
         rescan_s: float = 1.0,
+        utilization_window_s: float = 0.05,
     ) -> None:
         bad = set(components) - {"cpu", "dram"}
         if bad or not components:
@@ -318,7 +323,16 @@ class EstimatedMeter:
         self._dram_w = self.model.dram_power_w()
         self._tree = (ProcessTreeCPU(process_tree_roots, rescan_s=rescan_s)
                       if scope == "process-tree" and "cpu" in self._components else None)
+        # CPU times step once per clock tick (10 ms on Linux), so utilization needs a window of several ticks;
+        # a reading sooner carries the last measured one on and reads no CPU times. With the timeline's 0.1 s
+        # sampler most windows close on the sampler's thread, and a call's edges read no files.
+        tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
+        if not utilization_window_s >= tick_s:
+            raise ConfigError(f"utilization_window_s must be at least one clock tick ({tick_s} s), "
+                              f"got {utilization_window_s!r}")
+        self.resolution_s = float(utilization_window_s)
         self._last_t = clock()
+        self._last_cpu_t = self._last_t
         self._last_cpu = self._busy_and_total()
         self._energy = {c: 0.0 for c in self._components}
         self._last_util = 0.0
@@ -365,17 +379,19 @@ class EstimatedMeter:
         """Integrate the model's power since the previous reading and return the cumulative joules."""
         with self._lock:
             t = self.clock()
-            cpu = self._busy_and_total()
-            util = busy_fraction(self._last_cpu, cpu)
-            if util is not None:
-                self._last_util = util
+            if t - self._last_cpu_t >= self.resolution_s:
+                cpu = self._busy_and_total()
+                util = busy_fraction(self._last_cpu, cpu)
+                if util is not None:
+                    self._last_util = util
+                self._last_cpu, self._last_cpu_t = cpu, t
             dt = max(t - self._last_t, 0.0)
             if "cpu" in self._energy:
                 idle = self.model.idle_fraction
                 self._energy["cpu"] += dt * self._tdp_w * (idle + (1.0 - idle) * self._last_util)
             if "dram" in self._energy:
                 self._energy["dram"] += dt * self._dram_w
-            self._last_t, self._last_cpu = t, cpu
+            self._last_t = t
             return Reading(t=t, energy_j=dict(self._energy))
 
     @property

@@ -20,10 +20,16 @@ pytestmark = pytest.mark.engine
 
 
 class CallClock(BaseCallbackHandler):
-    """Records when each LLM call of each tagged workflow ends (a real handler beside the scheduler)."""
+    """Records when each LLM call of each tagged workflow starts and ends (a real handler beside the scheduler)."""
 
     def __init__(self) -> None:
+        self.starts: dict[str, list[float]] = {}
         self.ends: dict[str, list[float]] = {}
+
+    def on_llm_start(self, serialized: Any, prompts: Any, *, run_id: UUID, tags: list[str] | None = None,
+                     **kwargs: Any) -> None:
+        name = next(t for t in tags or [] if t.startswith("wf-"))
+        self.starts.setdefault(name, []).append(time.monotonic())
 
     def on_llm_end(self, response: Any, *, run_id: UUID, tags: list[str] | None = None, **kwargs: Any) -> None:
         name = next(t for t in tags or [] if t.startswith("wf-"))
@@ -78,28 +84,35 @@ def test_the_engine_serves_an_older_workflow_first_from_the_priority_alone(vllm_
     width = vllm_server.config.max_num_seqs
     scheduler = WorkflowScheduler(policy)
     llm = ServingLLM.from_server(vllm_server, max_tokens=16, ignore_eos=True, seed=0, scheduler=scheduler)
-    blocker_llm = ServingLLM.from_server(vllm_server, max_tokens=48, ignore_eos=True, seed=0, scheduler=scheduler)
+    blocker_llm = ServingLLM.from_server(vllm_server, max_tokens=96, ignore_eos=True, seed=0, scheduler=scheduler)
     clock = CallClock()
 
     async def run() -> None:
         def cfg(name: str) -> dict:
             return {"callbacks": [scheduler, clock], "tags": [name]}
 
+        async def started(name: str) -> None:  # the workflow's calls are on their way to the engine
+            while len(clock.starts.get(name, [])) < width:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+
         blocker = asyncio.ensure_future(_fan_out(blocker_llm, width).ainvoke("Describe a river.", config=cfg("wf-0")))
-        await asyncio.sleep(0.3)
+        await started("wf-0")
 
         async def late_a(text: str) -> dict:
-            await asyncio.sleep(0.3)   # A's root started before B's, but its calls reach the engine after B's
+            await started("wf-b")   # A's root started before B's, but its calls reach the engine after B's
             return await _fan_out(llm, width).ainvoke(text)
 
         a = asyncio.ensure_future(RunnableLambda(late_a).ainvoke("Describe a lake.", config=cfg("wf-a")))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)
         b = asyncio.ensure_future(_fan_out(llm, width).ainvoke("Describe a hill.", config=cfg("wf-b")))
         await asyncio.gather(blocker, a, b)
 
     asyncio.run(run())
     a, b = clock.ends["wf-a"], clock.ends["wf-b"]
     assert len(a) == len(b) == width
+    # The premise: every call of A and B was waiting while the blocker held the engine's slots.
+    assert max(clock.starts["wf-a"]) < min(clock.ends["wf-0"]), "the blocker ended before A's calls arrived"
     if policy == "workflow-fcfs":
         assert max(a) < min(b)
     else:

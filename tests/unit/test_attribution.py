@@ -222,3 +222,23 @@ def _interp(ts, ys, t):
                 return ys[i]
             return ys[i - 1] + (ys[i] - ys[i - 1]) * (t - ts[i - 1]) / (ts[i] - ts[i - 1])
     return ys[-1]
+
+
+@settings(max_examples=150, deadline=None)
+@given(timelines(), st.floats(-10, 110, **finite), st.floats(0, 50, **finite), st.one_of(st.none(), st.floats(0, 1)),
+       st.tuples(st.floats(0, 1), st.floats(0, 1)))
+def test_a_lone_call_over_its_window_splits_as_the_general_rule_does(tl, a, length, first, cut):
+    # One call covering the window takes a closed form; a chain around it sends it through the general rule,
+    # and chains never change a call's share.
+    times, series = tl
+    b = a + length
+    call = Span("c", a, b, t_first_token=None if first is None else a + first * length)
+    lo, hi = sorted((a + cut[0] * length, a + cut[1] * length))
+    alone = attribute(times, series, [call], window=(lo, hi))
+    general = attribute(times, series, [call, Span("chain", a - 1.0, b + 1.0, is_call=False)], window=(lo, hi))
+    scale = max(abs(v) for vs in series.values() for v in vs)
+    for part in ("direct", "prefill", "decode"):
+        got, want = getattr(alone, part).get("c", {}), getattr(general, part).get("c", {})
+        assert got.keys() == want.keys() and all(close(got[k], want[k], scale) for k in want)
+    assert close(alone.share_s["c"], general.share_s["c"], hi - lo)
+    assert all(close(alone.total[k], general.total[k], scale) for k in series)

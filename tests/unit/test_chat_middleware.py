@@ -111,3 +111,65 @@ def test_a_spent_budget_ends_the_run_with_a_message_and_no_further_model_call():
     assert [type(m).__name__ for m in state["messages"]] == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
     assert isinstance(state["messages"][2], ToolMessage) and "energy budget is spent" in state["messages"][-1].content
     assert state["energy"]["energy_j"] == 5.0 and state["energy"]["model_calls"] == 1 and state["energy"]["exhausted"]
+
+
+def _timed_agent(seconds: float, handler, **agent_kwargs):
+    """An agent whose one model call takes `seconds` on a manual clock and notes the callback handlers it saw."""
+    from langchain.agents import create_agent
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    class TimedChat(BaseChatModel):
+        """Test double of a chat model: answers after `seconds` of the replay meter's clock."""
+
+        clock: object
+        seen: list = []
+
+        @property
+        def _llm_type(self) -> str:
+            return "timed-fake"
+
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+            self.seen.append([type(h).__name__ for h in (run_manager.handlers if run_manager else [])])
+            self.clock.advance(seconds)
+            message = AIMessage(content="done", usage_metadata={"input_tokens": 3, "output_tokens": 4, "total_tokens": 7})
+            return ChatResult(generations=[ChatGeneration(message=message)])
+
+    model = TimedChat(clock=handler.timeline.clock)
+    middleware = EnergyBudgetMiddleware(budget_j=1e9, handler=handler)
+    return model, create_agent(model, tools=[], middleware=[middleware], **agent_kwargs)
+
+
+def _replay_handler(watts: float):
+    from langchain_energy import EnergyCallbackHandler
+    from langchain_energy.meters import ManualClock, ReplayMeter
+
+    clock = ManualClock(10.0)
+    meter = ReplayMeter({"gpu:0": [(0.0, watts)]}, clock=clock, provenance={"gpu:0": "measured:nvml"})
+    return EnergyCallbackHandler(meter=meter)
+
+
+def test_alone_the_middleware_meters_a_model_call_without_langchain_callbacks():
+    handler = _replay_handler(100.0)
+    model, agent = _timed_agent(2.0, handler)
+    with handler:
+        state = agent.invoke({"messages": [("user", "go")]})
+    assert model.seen == [[]]  # no callback handler was added to the model call
+    assert state["energy"]["energy_j"] == pytest.approx(200.0) and state["energy"]["output_tokens"] == 4
+    calls = handler.to_dataframe()
+    assert len(calls) == 1 and calls.iloc[0].kind == "chat_model" and calls.iloc[0].completion_tokens == 4
+
+
+def test_beside_the_users_energy_handler_a_model_call_is_counted_once():
+    handler = _replay_handler(100.0)
+    from langchain_energy import EnergyCallbackHandler
+
+    users = EnergyCallbackHandler(timeline=handler.timeline)  # the user's own handler, on the same meter
+    model, agent = _timed_agent(2.0, handler)
+    with handler, users:
+        state = agent.invoke({"messages": [("user", "go")]}, config={"callbacks": [users]})
+    assert "EnergyCallbackHandler" in model.seen[0]
+    calls = users.to_dataframe().query("kind == 'chat_model'")
+    assert len(calls) == 1 and calls.iloc[0].energy_j == pytest.approx(200.0)  # not halved by a second record
+    assert state["energy"]["energy_j"] == pytest.approx(200.0)

@@ -261,6 +261,19 @@ def test_every_call_edge_is_sampled():
         assert meter.reads - before >= 10
 
 
+def test_a_call_shorter_than_the_edge_window_still_gets_its_final_joules_on_the_response():
+    clock, meter = replay(100.0)
+    with EnergyCallbackHandler(meter=meter) as handler:
+        clock.advance(0.05)
+        results = [PerCallLatencyLLM(clock=clock, latencies=[0.0005]).generate(["x"], callbacks=[handler])
+                   for _ in range(3)]  # each call starts and ends within a millisecond of the last sample
+        again = handler.energy_of(handler.runs[-1].run_id)
+    energies = [r.generations[0][0].generation_info["energy"] for r in results]
+    assert all(e["final"] for e in energies)
+    assert sum(e["energy_j"] for e in energies) == pytest.approx(100.0 * 0.0015)
+    assert again == energies[-1]
+
+
 def test_energy_of_a_run_and_energy_per_model():
     clock, meter = replay(100.0)
     chat = FakeListChatModel(responses=["hello"])

@@ -140,6 +140,34 @@ def test_estimated_meter_stays_within_its_models_bounds():
     assert meter.describe()["estimated"]["cpu_tdp_w"] == 100.0
 
 
+def test_estimated_meter_reads_cpu_times_at_most_once_per_utilization_window(monkeypatch):
+    import langchain_energy.meters.estimated as estimated
+
+    busy = {"reads": 0, "busy": 0.0, "total": 0.0}
+
+    def machine_times() -> tuple[float, float]:  # a machine whose one CPU runs half busy
+        busy["reads"] += 1
+        return busy["busy"], busy["total"]
+
+    monkeypatch.setattr(estimated, "cpu_busy_and_total", machine_times)
+    clock = ManualClock(0.0)
+    meter = EstimatedMeter(PowerModel(cpu_tdp_w=100.0, idle_fraction=0.0, dram_gib=0.0), scope="machine", clock=clock,
+                           utilization_window_s=0.05)
+    assert meter.resolution_s == 0.05
+    clock.advance(1.0)
+    busy["busy"], busy["total"] = 0.5, 1.0
+    reads = busy["reads"]
+    assert meter.read().energy_j["cpu"] == pytest.approx(50.0)
+    clock.advance(meter.resolution_s / 4)  # within the window: the last utilization carries on
+    assert meter.read().energy_j["cpu"] == pytest.approx(50.0 + 50.0 * meter.resolution_s / 4)
+    assert busy["reads"] == reads + 1
+    clock.advance(meter.resolution_s)
+    meter.read()
+    assert busy["reads"] == reads + 2
+    with pytest.raises(ConfigError, match="at least one clock tick"):
+        EstimatedMeter(utilization_window_s=0.0)
+
+
 def test_estimated_meter_component_choice():
     assert EstimatedMeter(components=("dram",)).components() == {"dram": "estimated:linear-tdp/machine"}
     with pytest.raises(ConfigError):
