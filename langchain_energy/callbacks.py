@@ -503,8 +503,11 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         if error is not None:
             self._finish(run_id, "error", error=error)
             return
-        answers = [[ChatGeneration(message=m)] for m in messages if isinstance(m, AIMessage)]
-        self._finish(run_id, "ok", response=LLMResult(generations=answers) if answers else None)
+        # Built without validation (the messages are already validated): this runs on every metered call.
+        answers = [[ChatGeneration.model_construct(message=m, text=m.text, generation_info=None)]
+                   for m in messages if isinstance(m, AIMessage)]
+        self._finish(run_id, "ok", response=LLMResult.model_construct(generations=answers, llm_output=None)
+                     if answers else None)
 
     # LangChain callback methods -------------------------------------------------------------------------
     def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID,

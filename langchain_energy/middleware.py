@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -30,9 +31,14 @@ from langchain_energy.errors import ConfigError
 
 __all__ = ["EnergyBudgetMiddleware", "EnergyBudgetState"]
 
+#: Threads whose latest run is remembered (the least recently used are forgotten: a run in progress uses its
+#: thread at every model call).
+_THREADS_KEPT = 4096
+
 
 class EnergyBudgetState(AgentState[Any]):
-    """Agent state with the run's energy summary (reset at the start of each run, returned at its end)."""
+    """Agent state with the run's energy summary (begun afresh at each run's first model call, returned at its
+    end)."""
 
     energy: NotRequired[Annotated[dict[str, Any], OmitFromInput]]
 
@@ -68,10 +74,7 @@ def _handlers_of(callbacks: Any) -> list[Any]:
 
 
 def _model_name(model: Any) -> str:
-    try:
-        return str(model._get_ls_params().get("ls_model_name") or type(model).__name__)
-    except Exception:  # a model without LangSmith parameters
-        return type(model).__name__
+    return str(getattr(model, "model_name", None) or getattr(model, "model", None) or type(model).__name__)
 
 
 # When an energy handler already meters the agent's model calls, handlers in these variables join every LangChain
@@ -140,6 +143,7 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         self.min_tokens_for_rate = min_tokens_for_rate
         self._handler = handler
         self._lock = threading.Lock()
+        self._run_of_thread: OrderedDict[str, Any] = OrderedDict()  # thread id -> its latest run's control
 
     @property
     def handler(self) -> EnergyCallbackHandler:
@@ -229,14 +233,6 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
             _watch_var.reset(watch_token)
 
     # -- hooks -----------------------------------------------------------------------------------------
-    def before_agent(self, state: EnergyBudgetState, runtime: Any) -> dict[str, Any] | None:
-        """Start the run's summary afresh (a thread's earlier runs had their own budget)."""
-        return {"energy": self._fresh()}
-
-    async def abefore_agent(self, state: EnergyBudgetState, runtime: Any) -> dict[str, Any] | None:
-        """Async form of `before_agent`."""
-        return self.before_agent(state, runtime)
-
     def _stopped(self, summary: dict[str, Any]) -> ExtendedModelResponse | None:
         """The run's last answer when its budget is spent and there is no fallback model: an AI message saying
         so, with no tool calls, so the agent ends there (no model is called). Done inside `wrap_model_call`
@@ -249,8 +245,26 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         return ExtendedModelResponse(model_response=ModelResponse(result=[note]),
                                      command=Command(update={"energy": {**summary, "exhausted": True}}))
 
+    def _same_run(self, runtime: Any) -> bool:
+        """Whether a summary already in the state is this run's. Without a checkpointer the state (and so the
+        summary) begins with the run. On a thread it persists: LangGraph gives each run a fresh
+        ``Runtime.control``, so the last one seen on the thread tells its runs apart (no graph step per run)."""
+        thread = getattr(getattr(runtime, "execution_info", None), "thread_id", None)
+        control = getattr(runtime, "control", None)
+        if thread is None or control is None:  # (a LangGraph without run control: the thread shares one budget)
+            return True
+        with self._lock:
+            same = self._run_of_thread.get(thread) is control
+            self._run_of_thread[thread] = control
+            self._run_of_thread.move_to_end(thread)
+            if len(self._run_of_thread) > _THREADS_KEPT:
+                self._run_of_thread.popitem(last=False)
+        return same
+
     def _prepare(self, request: ModelRequest) -> tuple[ModelRequest, dict[str, Any], bool]:
-        summary = request.state.get("energy") or self._fresh()
+        summary = request.state.get("energy")
+        if not self._same_run(request.runtime) or summary is None:  # every call notes its run
+            summary = self._fresh()
         fallback = self.fallback_model is not None and self._spent(summary) is not None
         if fallback:
             request = request.override(model=self.fallback_model)

@@ -113,12 +113,20 @@ def test_a_spent_budget_ends_the_run_with_a_message_and_no_further_model_call():
     assert state["energy"]["energy_j"] == 5.0 and state["energy"]["model_calls"] == 1 and state["energy"]["exhausted"]
 
 
-def _timed_agent(seconds: float, handler, **agent_kwargs):
-    """An agent whose one model call takes `seconds` on a manual clock and notes the callback handlers it saw."""
+def _timed_agent(seconds: float, handler, tool_rounds: int = 0, **agent_kwargs):
+    """An agent whose model calls take `seconds` each on a manual clock and note the callback handlers they saw;
+    in each run the model asks for a no-op tool `tool_rounds` times, then answers."""
     from langchain.agents import create_agent
     from langchain_core.language_models import BaseChatModel
-    from langchain_core.messages import AIMessage
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from langchain_core.messages.tool import tool_call
     from langchain_core.outputs import ChatGeneration, ChatResult
+    from langchain_core.tools import tool
+
+    @tool
+    def noop(x: str) -> str:
+        """Do nothing."""
+        return "done"
 
     class TimedChat(BaseChatModel):
         """Test double of a chat model: answers after `seconds` of the replay meter's clock."""
@@ -130,15 +138,22 @@ def _timed_agent(seconds: float, handler, **agent_kwargs):
         def _llm_type(self) -> str:
             return "timed-fake"
 
+        def bind_tools(self, tools, **kwargs):
+            return self
+
         def _generate(self, messages, stop=None, run_manager=None, **kwargs):
             self.seen.append([type(h).__name__ for h in (run_manager.handlers if run_manager else [])])
             self.clock.advance(seconds)
-            message = AIMessage(content="done", usage_metadata={"input_tokens": 3, "output_tokens": 4, "total_tokens": 7})
+            last_human = max(i for i, m in enumerate(messages) if isinstance(m, HumanMessage))
+            done = sum(isinstance(m, ToolMessage) for m in messages[last_human:])
+            calls = [tool_call(name="noop", args={"x": "a"}, id=f"c{len(messages)}")] if done < tool_rounds else []
+            message = AIMessage(content="" if calls else "done", tool_calls=calls,
+                                usage_metadata={"input_tokens": 3, "output_tokens": 4, "total_tokens": 7})
             return ChatResult(generations=[ChatGeneration(message=message)])
 
     model = TimedChat(clock=handler.timeline.clock)
     middleware = EnergyBudgetMiddleware(budget_j=1e9, handler=handler)
-    return model, create_agent(model, tools=[], middleware=[middleware], **agent_kwargs)
+    return model, create_agent(model, tools=[noop], middleware=[middleware], **agent_kwargs)
 
 
 def _replay_handler(watts: float):
@@ -173,3 +188,50 @@ def test_beside_the_users_energy_handler_a_model_call_is_counted_once():
     calls = users.to_dataframe().query("kind == 'chat_model'")
     assert len(calls) == 1 and calls.iloc[0].energy_j == pytest.approx(200.0)  # not halved by a second record
     assert state["energy"]["energy_j"] == pytest.approx(200.0)
+
+
+def test_each_run_on_a_thread_has_its_own_budget():
+    from langchain.agents import create_agent
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    class CostlyAnswer(BaseChatModel):
+        """Test double of one of our chat models: answers at once with 5 J on the message."""
+
+        calls: int = 0
+
+        @property
+        def _llm_type(self) -> str:
+            return "costly-answer"
+
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+            self.calls += 1
+            message = AIMessage(content="ok", usage_metadata={"input_tokens": 3, "output_tokens": 2, "total_tokens": 5},
+                                response_metadata={"energy": {"energy_j": 5.0, "energy_measured_j": 0.0,
+                                                              "provenance": {"cpu": "estimated:test"}}})
+            return ChatResult(generations=[ChatGeneration(message=message)])
+
+    model = CostlyAnswer()
+    agent = create_agent(model, tools=[], middleware=[EnergyBudgetMiddleware(budget_j=8.0)],
+                         checkpointer=InMemorySaver())
+    thread = {"configurable": {"thread_id": "one"}}
+    summaries = [agent.invoke({"messages": [("user", f"question {i}")]}, thread)["energy"] for i in range(3)]
+    assert model.calls == 3  # a spent budget of an earlier run never stops a later one
+    assert [s["model_calls"] for s in summaries] == [1, 1, 1] and [s["energy_j"] for s in summaries] == [5.0] * 3
+    other = agent.invoke({"messages": [("user", "hi")]}, {"configurable": {"thread_id": "two"}})["energy"]
+    assert other["model_calls"] == 1
+
+
+def test_a_run_on_a_thread_keeps_one_summary_over_its_model_calls():
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    handler = _replay_handler(100.0)
+    model, agent = _timed_agent(1.0, handler, tool_rounds=1, checkpointer=InMemorySaver())
+    thread = {"configurable": {"thread_id": "t"}}
+    with handler:
+        runs = [agent.invoke({"messages": [("user", f"go {i}")]}, thread)["energy"] for i in range(2)]
+    # Each run: a model call, the tool, a model call; its summary holds both calls and nothing of the other run.
+    assert [r["model_calls"] for r in runs] == [2, 2]
+    assert [r["energy_j"] for r in runs] == [pytest.approx(200.0)] * 2
