@@ -189,8 +189,7 @@ def attribute(
         return min(max(x, t0), t1)
 
     if len(spans) == 1 and spans[0].is_call and spans[0].t_start <= t0 and spans[0].t_end >= t1:
-        return _one_call(ts, cumulative, spans[0], (t0, t1), clip(spans[0].t_first_token)
-                         if spans[0].t_first_token is not None else None, only)
+        return _one_call(ts, cumulative, spans[0], (t0, t1), only)
 
     # Cut points: the window, interior samples, and every run boundary inside the window.
     cuts = {t0, t1}
@@ -291,13 +290,13 @@ def attribute(
 
 
 def _one_call(ts: list[float], cumulative: Mapping[str, Sequence[float]], span: Span, window: tuple[float, float],
-              first_token: float | None, only: Collection[Hashable] | None) -> Attribution:
+              only: Collection[Hashable] | None) -> Attribution:
     """`attribute` when one call covers the whole window: every piece is its own (the common case of a lone
     call's split, in closed form)."""
     t0, t1 = window
     components = tuple(cumulative)
-    at = {c: [interpolate(ts, cumulative[c], x) for x in (t0, first_token if first_token is not None else t1, t1)]
-          for c in components}
+    first = t1 if span.t_first_token is None else min(max(span.t_first_token, t0), t1)
+    at = {c: _interpolate_sorted(ts, cumulative[c], (t0, first, t1)) for c in components}
     total = {c: (v[2] - v[0]) for c, v in at.items()}
     wanted = only is None or span.run_id in only
     direct = {span.run_id: dict(total)} if wanted else {}
@@ -340,10 +339,12 @@ def _add_at(target: dict[str, float], components: Sequence[str], values: Sequenc
 
 
 def _interpolate_sorted(ts: Sequence[float], ys: Sequence[float], grid: Sequence[float]) -> list[float]:
-    """`interpolate` at every point of a sorted grid, in one walk along the samples."""
+    """`interpolate` at every point of a sorted grid, in one walk along the samples (found by bisection first)."""
     if not ts:
         return [0.0] * len(grid)
-    out, i, last = [], 0, len(ts) - 1
+    last = len(ts) - 1
+    i = min(max(bisect.bisect_right(ts, grid[0]) - 1, 0), max(last - 1, 0)) if grid else 0
+    out = []
     for g in grid:
         if g <= ts[0]:
             out.append(ys[0])
@@ -364,17 +365,7 @@ def interpolate(ts: Sequence[float], ys: Sequence[float], t: float) -> float:
         >>> interpolate([0.0, 2.0], [0.0, 10.0], 0.5)
         2.5
     """
-    if not ts:
-        return 0.0
-    if t <= ts[0]:
-        return ys[0]
-    if t >= ts[-1]:
-        return ys[-1]
-    i = bisect.bisect_right(ts, t)
-    t0, t1 = ts[i - 1], ts[i]
-    if t1 == t0:
-        return ys[i]
-    return ys[i - 1] + (ys[i] - ys[i - 1]) * (t - t0) / (t1 - t0)
+    return _interpolate_sorted(ts, ys, (t,))[0]
 
 
 def active_energy(total_j: float, duration_s: float, idle_power_w: float) -> float:

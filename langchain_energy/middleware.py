@@ -48,9 +48,9 @@ class _CallWatch(BaseCallbackHandler):
 
     run_inline: bool = False
 
-    def __init__(self) -> None:
+    def __init__(self, run_ids: list[UUID]) -> None:
         super().__init__()
-        self.run_ids: list[UUID] = []
+        self.run_ids = run_ids
 
     def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: UUID, **kwargs: Any) -> None:
         self.run_ids.append(run_id)
@@ -222,8 +222,7 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
                 raise
             meter.end_call(run_id, call.messages)
             return
-        watch = _CallWatch()
-        watch.run_ids = call.run_ids
+        watch = _CallWatch(call.run_ids)
         watch_token = _watch_var.set(watch)
         meter_token = _meter_var.set(meter)
         try:

@@ -16,10 +16,9 @@ the busy fraction of all logical CPUs between two readings, counted over one of 
 
 The label says which: ``estimated:linear-tdp/process-tree`` or ``estimated:linear-tdp/machine``. DRAM under
 this model is a constant of the machine, so its label is always ``.../machine``. Energy is power integrated
-over the time between readings; utilization
-is measured over windows of at least ``utilization_window_s`` (CPU times step once per 10 ms clock tick), and a
-reading within a window carries the last measured utilization on. The linear model was chosen over CodeCarbon's cubic
-``tdp * (0.1 + 0.9 * load**3)`` because it does not flatten the middle loads that a one-core inference engine
+over the time between readings; utilization is measured over windows of at least ``utilization_window_s`` (CPU
+times step once per 10 ms clock tick), and a reading within a window carries the last measured utilization on.
+The linear model was chosen over CodeCarbon's cubic ``tdp * (0.1 + 0.9 * load**3)`` because it does not flatten the middle loads that a one-core inference engine
 produces; both are guesses, hence the label.
 """
 

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
+from langchain.agents import create_agent
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.messages.tool import tool_call
+from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.tools import tool
+from langgraph.checkpoint.memory import InMemorySaver
 
-from langchain_energy import ChatServing, EnergyBudgetMiddleware
+from langchain_energy import ChatServing, EnergyBudgetMiddleware, EnergyCallbackHandler
 from langchain_energy.errors import ConfigError
+from langchain_energy.meters import ManualClock, ReplayMeter
 from langchain_energy.middleware import EnergyBudgetState
 
 
@@ -56,8 +65,6 @@ class CountingHandler:
 def test_the_energy_on_our_models_messages_is_read_without_asking_the_ledger():
     import uuid
 
-    from langchain_core.messages import AIMessage
-
     handler = CountingHandler()
     mw = EnergyBudgetMiddleware(budget_j=100.0, handler=handler)
     ours = AIMessage(content="hi", usage_metadata={"input_tokens": 3, "output_tokens": 4, "total_tokens": 7},
@@ -71,40 +78,49 @@ def test_the_energy_on_our_models_messages_is_read_without_asking_the_ledger():
     assert handler.lookups == 1 and summary["energy_j"] == 7.0 and summary["model_calls"] == 2
 
 
+@tool
+def noop(x: str) -> str:
+    """Do nothing."""
+    return "done"
+
+
+class ScriptedChat(BaseChatModel):
+    """Test double of a chat model. In each run it asks for the `noop` tool `tool_rounds` times, then answers;
+    each call takes `seconds` of `clock` (a manual clock) when one is given, carries `energy_j` on its message as
+    this package's models do when set, and notes the callback handlers it saw."""
+
+    clock: Any = None
+    seconds: float = 0.0
+    tool_rounds: int = 0
+    energy_j: float | None = None
+    calls: int = 0
+    seen: list = []
+
+    @property
+    def _llm_type(self) -> str:
+        return "scripted-fake"
+
+    def bind_tools(self, tools, **kwargs):
+        return self
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        self.calls += 1
+        self.seen.append([type(h).__name__ for h in (run_manager.handlers if run_manager else [])])
+        if self.clock is not None:
+            self.clock.advance(self.seconds)
+        last_human = max(i for i, m in enumerate(messages) if isinstance(m, HumanMessage))
+        done = sum(isinstance(m, ToolMessage) for m in messages[last_human:])
+        calls = [tool_call(name="noop", args={"x": "a"}, id=f"c{self.calls}")] if done < self.tool_rounds else []
+        energy = ({} if self.energy_j is None else
+                  {"energy": {"energy_j": self.energy_j, "energy_measured_j": 0.0,
+                              "provenance": {"cpu": "estimated:test"}}})
+        message = AIMessage(content="" if calls else "done", tool_calls=calls, response_metadata=energy,
+                            usage_metadata={"input_tokens": 3, "output_tokens": 4, "total_tokens": 7})
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+
 def test_a_spent_budget_ends_the_run_with_a_message_and_no_further_model_call():
-    from langchain.agents import create_agent
-    from langchain_core.language_models import BaseChatModel
-    from langchain_core.messages import AIMessage, ToolMessage
-    from langchain_core.messages.tool import tool_call
-    from langchain_core.outputs import ChatGeneration, ChatResult
-    from langchain_core.tools import tool
-
-    @tool
-    def noop(x: str) -> str:
-        """Do nothing."""
-        return "done"
-
-    class CostlyChat(BaseChatModel):
-        """Test double of one of our chat models: each answer calls a tool and carries 5 J on the message."""
-
-        calls: int = 0
-
-        @property
-        def _llm_type(self) -> str:
-            return "costly-fake"
-
-        def bind_tools(self, tools, **kwargs):
-            return self
-
-        def _generate(self, messages, stop=None, run_manager=None, **kwargs):
-            self.calls += 1
-            message = AIMessage(content="", tool_calls=[tool_call(name="noop", args={"x": "a"}, id=f"c{self.calls}")],
-                                usage_metadata={"input_tokens": 3, "output_tokens": 2, "total_tokens": 5},
-                                response_metadata={"energy": {"energy_j": 5.0, "energy_measured_j": 0.0,
-                                                              "provenance": {"cpu": "estimated:test"}}})
-            return ChatResult(generations=[ChatGeneration(message=message)])
-
-    model = CostlyChat()
+    model = ScriptedChat(tool_rounds=99, energy_j=5.0)  # every answer calls the tool and costs 5 J
     agent = create_agent(model, tools=[noop], middleware=[EnergyBudgetMiddleware(budget_j=1.0)])
     state = agent.invoke({"messages": [("user", "go")]})
     assert model.calls == 1
@@ -114,52 +130,13 @@ def test_a_spent_budget_ends_the_run_with_a_message_and_no_further_model_call():
 
 
 def _timed_agent(seconds: float, handler, tool_rounds: int = 0, **agent_kwargs):
-    """An agent whose model calls take `seconds` each on a manual clock and note the callback handlers they saw;
-    in each run the model asks for a no-op tool `tool_rounds` times, then answers."""
-    from langchain.agents import create_agent
-    from langchain_core.language_models import BaseChatModel
-    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-    from langchain_core.messages.tool import tool_call
-    from langchain_core.outputs import ChatGeneration, ChatResult
-    from langchain_core.tools import tool
-
-    @tool
-    def noop(x: str) -> str:
-        """Do nothing."""
-        return "done"
-
-    class TimedChat(BaseChatModel):
-        """Test double of a chat model: answers after `seconds` of the replay meter's clock."""
-
-        clock: object
-        seen: list = []
-
-        @property
-        def _llm_type(self) -> str:
-            return "timed-fake"
-
-        def bind_tools(self, tools, **kwargs):
-            return self
-
-        def _generate(self, messages, stop=None, run_manager=None, **kwargs):
-            self.seen.append([type(h).__name__ for h in (run_manager.handlers if run_manager else [])])
-            self.clock.advance(seconds)
-            last_human = max(i for i, m in enumerate(messages) if isinstance(m, HumanMessage))
-            done = sum(isinstance(m, ToolMessage) for m in messages[last_human:])
-            calls = [tool_call(name="noop", args={"x": "a"}, id=f"c{len(messages)}")] if done < tool_rounds else []
-            message = AIMessage(content="" if calls else "done", tool_calls=calls,
-                                usage_metadata={"input_tokens": 3, "output_tokens": 4, "total_tokens": 7})
-            return ChatResult(generations=[ChatGeneration(message=message)])
-
-    model = TimedChat(clock=handler.timeline.clock)
+    """An agent whose model calls take `seconds` each on the handler's manual clock, metered by `handler`."""
+    model = ScriptedChat(clock=handler.timeline.clock, seconds=seconds, tool_rounds=tool_rounds)
     middleware = EnergyBudgetMiddleware(budget_j=1e9, handler=handler)
     return model, create_agent(model, tools=[noop], middleware=[middleware], **agent_kwargs)
 
 
-def _replay_handler(watts: float):
-    from langchain_energy import EnergyCallbackHandler
-    from langchain_energy.meters import ManualClock, ReplayMeter
-
+def _replay_handler(watts: float) -> EnergyCallbackHandler:
     clock = ManualClock(10.0)
     meter = ReplayMeter({"gpu:0": [(0.0, watts)]}, clock=clock, provenance={"gpu:0": "measured:nvml"})
     return EnergyCallbackHandler(meter=meter)
@@ -178,8 +155,6 @@ def test_alone_the_middleware_meters_a_model_call_without_langchain_callbacks():
 
 def test_beside_the_users_energy_handler_a_model_call_is_counted_once():
     handler = _replay_handler(100.0)
-    from langchain_energy import EnergyCallbackHandler
-
     users = EnergyCallbackHandler(timeline=handler.timeline)  # the user's own handler, on the same meter
     model, agent = _timed_agent(2.0, handler)
     with handler, users:
@@ -191,29 +166,7 @@ def test_beside_the_users_energy_handler_a_model_call_is_counted_once():
 
 
 def test_each_run_on_a_thread_has_its_own_budget():
-    from langchain.agents import create_agent
-    from langchain_core.language_models import BaseChatModel
-    from langchain_core.messages import AIMessage
-    from langchain_core.outputs import ChatGeneration, ChatResult
-    from langgraph.checkpoint.memory import InMemorySaver
-
-    class CostlyAnswer(BaseChatModel):
-        """Test double of one of our chat models: answers at once with 5 J on the message."""
-
-        calls: int = 0
-
-        @property
-        def _llm_type(self) -> str:
-            return "costly-answer"
-
-        def _generate(self, messages, stop=None, run_manager=None, **kwargs):
-            self.calls += 1
-            message = AIMessage(content="ok", usage_metadata={"input_tokens": 3, "output_tokens": 2, "total_tokens": 5},
-                                response_metadata={"energy": {"energy_j": 5.0, "energy_measured_j": 0.0,
-                                                              "provenance": {"cpu": "estimated:test"}}})
-            return ChatResult(generations=[ChatGeneration(message=message)])
-
-    model = CostlyAnswer()
+    model = ScriptedChat(energy_j=5.0)  # answers at once with 5 J on the message
     agent = create_agent(model, tools=[], middleware=[EnergyBudgetMiddleware(budget_j=8.0)],
                          checkpointer=InMemorySaver())
     thread = {"configurable": {"thread_id": "one"}}
@@ -225,8 +178,6 @@ def test_each_run_on_a_thread_has_its_own_budget():
 
 
 def test_a_run_on_a_thread_keeps_one_summary_over_its_model_calls():
-    from langgraph.checkpoint.memory import InMemorySaver
-
     handler = _replay_handler(100.0)
     model, agent = _timed_agent(1.0, handler, tool_rounds=1, checkpointer=InMemorySaver())
     thread = {"configurable": {"thread_id": "t"}}
