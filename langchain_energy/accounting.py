@@ -81,15 +81,25 @@ class EnergyColumns:
         self.groups = group_provenance(self.provenance)
         self.gpus = sorted(k for k in self.provenance if component_group(k) == "gpu")
         self.measured = [k for k, p in self.provenance.items() if is_measured(p)]
+        self._group_of = {k: component_group(k) for k in self.provenance}  # (this runs for every call's record)
+
+    def _by_group(self, energy: Mapping[str, float]) -> dict[str, float]:
+        """Joules per available group (NaN for a group the meter does not report)."""
+        by_group: dict[str, list[float]] = {g: [] for g in COMPONENTS}
+        for k, v in energy.items():
+            g = self._group_of.get(k) or component_group(k)
+            if g in by_group:
+                by_group[g].append(v)
+        return {g: _NAN if self.groups[g] == UNAVAILABLE else math.fsum(by_group[g]) for g in COMPONENTS}
+
+    def total(self, energy: Mapping[str, float]) -> float:
+        """The ``energy_j`` column alone: the sum over the groups the meter reports."""
+        known = [v for v in self._by_group(energy).values() if not math.isnan(v)]
+        return math.fsum(known) if known else _NAN
 
     def columns(self, energy: Mapping[str, float]) -> dict[str, float]:
         """``energy_j``, per group, ``energy_measured_j`` and per GPU (``energy_gpu0_j``, ...)."""
-        out: dict[str, float] = {}
-        for g in COMPONENTS:
-            if self.groups[g] == UNAVAILABLE:
-                out[f"energy_{g}_j"] = _NAN
-            else:
-                out[f"energy_{g}_j"] = math.fsum(v for k, v in energy.items() if component_group(k) == g)
+        out: dict[str, float] = {f"energy_{g}_j": j for g, j in self._by_group(energy).items()}
         known = [v for v in out.values() if not math.isnan(v)]
         out["energy_j"] = math.fsum(known) if known else _NAN
         out["energy_measured_j"] = math.fsum(energy.get(k, 0.0) for k in self.measured) if self.measured else _NAN

@@ -188,8 +188,9 @@ def attribute(
     def clip(x: float) -> float:
         return min(max(x, t0), t1)
 
-    if len(spans) == 1 and spans[0].is_call and spans[0].t_start <= t0 and spans[0].t_end >= t1:
-        return _one_call(ts, cumulative, spans[0], (t0, t1), only)
+    clipped = sorted(((clip(s.t_start), clip(s.t_end), s) for s in spans), key=lambda x: x[0])
+    if _disjoint_calls(clipped):
+        return _split_disjoint(ts, cumulative, clipped, (t0, t1), only)
 
     # Cut points: the window, interior samples, and every run boundary inside the window.
     cuts = {t0, t1}
@@ -289,24 +290,52 @@ def attribute(
                        window=(t0, t1), components=components, share_s=share_s, outside_s=outside_s)
 
 
-def _one_call(ts: list[float], cumulative: Mapping[str, Sequence[float]], span: Span, window: tuple[float, float],
-              only: Collection[Hashable] | None) -> Attribution:
-    """`attribute` when one call covers the whole window: every piece is its own (the common case of a lone
-    call's split, in closed form)."""
+def _disjoint_calls(clipped: Sequence[tuple[float, float, Span]]) -> bool:
+    """Whether every run that covers time (clipped to the window, in start order) is a call, and no two overlap."""
+    last_end = -math.inf
+    for a, b, s in clipped:
+        if b > a:
+            if not s.is_call or a < last_end:
+                return False
+            last_end = b
+    return True
+
+
+def _split_disjoint(ts: list[float], cumulative: Mapping[str, Sequence[float]],
+                    clipped: Sequence[tuple[float, float, Span]], window: tuple[float, float],
+                    only: Collection[Hashable] | None) -> Attribution:
+    """`attribute` when no two calls overlap and nothing else runs (the common case: calls one after another):
+    each call takes every joule of its time, the rest is outside. Closed form, no sweep."""
     t0, t1 = window
     components = tuple(cumulative)
-    first = t1 if span.t_first_token is None else min(max(span.t_first_token, t0), t1)
-    at = {c: _interpolate_sorted(ts, cumulative[c], (t0, first, t1)) for c in components}
-    total = {c: (v[2] - v[0]) for c, v in at.items()}
-    wanted = only is None or span.run_id in only
-    direct = {span.run_id: dict(total)} if wanted else {}
-    prefill = decode = {}
-    if wanted and span.t_first_token is not None:
-        prefill = {span.run_id: {c: v[1] - v[0] for c, v in at.items()}}
-        decode = {span.run_id: {c: (v[2] - v[0]) - (v[1] - v[0]) for c, v in at.items()}}
-    return Attribution(total=total, direct=direct, prefill=prefill, decode=decode,
-                       outside={c: 0.0 for c in components}, window=window, components=components,
-                       share_s={span.run_id: t1 - t0} if wanted else {}, outside_s=0.0)
+    points = [t0]  # sorted: the calls are disjoint and in order, each first token within its own call
+    for a, b, s in clipped:
+        first = b if s.t_first_token is None else min(max(s.t_first_token, a), b)
+        points += (a, first, b)
+    points.append(t1)
+    at = {c: _interpolate_sorted(ts, cumulative[c], points) for c in components}
+    total = {c: v[-1] - v[0] for c, v in at.items()}
+    direct: dict[Hashable, Energy] = {}
+    prefill: dict[Hashable, Energy] = {}
+    decode: dict[Hashable, Energy] = {}
+    share_s: dict[Hashable, float] = {}
+    taken = dict.fromkeys(components, 0.0)
+    covered = 0.0
+    for k, (a, b, s) in enumerate(clipped):
+        i = 1 + 3 * k  # this call's (start, first token, end) in `points`
+        for c, v in at.items():
+            taken[c] += v[i + 2] - v[i]
+        covered += b - a
+        if only is not None and s.run_id not in only:
+            continue
+        _add_difference(direct.setdefault(s.run_id, dict.fromkeys(components, 0.0)), at, i, i + 2)
+        share_s[s.run_id] = share_s.get(s.run_id, 0.0) + (b - a)
+        if s.t_first_token is not None:
+            _add_difference(prefill.setdefault(s.run_id, dict.fromkeys(components, 0.0)), at, i, i + 1)
+            _add_difference(decode.setdefault(s.run_id, dict.fromkeys(components, 0.0)), at, i + 1, i + 2)
+    outside = {c: total[c] - taken[c] for c in components}
+    return Attribution(total=total, direct=direct, prefill=prefill, decode=decode, outside=outside,
+                       window=window, components=components, share_s=share_s, outside_s=(t1 - t0) - covered)
 
 
 def _weights(calls: list[Span], a: float, weighting: Weighting) -> list[float]:
@@ -331,6 +360,11 @@ def _innermost(active: Iterable[int], parent: Sequence[int | None]) -> list[int]
             ancestors.add(p)
             p = parent[p]
     return [i for i in active if i not in ancestors]
+
+
+def _add_difference(target: dict[str, float], at: Mapping[str, Sequence[float]], lo: int, hi: int) -> None:
+    for c, v in at.items():
+        target[c] += v[hi] - v[lo]
 
 
 def _add_at(target: dict[str, float], components: Sequence[str], values: Sequence[float]) -> None:

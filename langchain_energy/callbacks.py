@@ -7,7 +7,6 @@ the process, whichever handler recorded it. Tables are built by `langchain_energ
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import threading
@@ -28,7 +27,6 @@ from langchain_energy.accounting import (
     RUN_COLUMNS,
     SUMMARY_COLUMNS,
     Accounts,
-    EnergyColumns,
     account,
     group_provenance,
 )
@@ -278,10 +276,10 @@ class EnergyCallbackHandler(BaseCallbackHandler):
             )
             if rec.is_call and batch_size > 1:
                 rec.batch_key = self._batch_key(name, batch_size, run_id)
-            rec = self.ledger.open(rec)
+            rec = self.ledger.open(rec, started_now=True)
             self._runs[run_id] = rec
-        if rec.is_call or parent is None:
-            self._sample_edge()
+        if (rec.is_call or parent is None) and self.timeline.counters_step:
+            self._sample_edge()  # (an estimate needs no read at a start: `Timeline.counters_step`)
 
     def _sample_edge(self) -> None:
         """Sample at a call's start (and a workflow's edges), not interpolate across a counter step: on a GPU
@@ -320,9 +318,12 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         return key
 
     def _finish(self, run_id: UUID, status: str, error: BaseException | None = None,
-                response: LLMResult | None = None, parent_run_id: UUID | None = None) -> None:
+                response: LLMResult | None = None, parent_run_id: UUID | None = None,
+                answers: Sequence[AIMessage] = ()) -> None:
+        """Record a run's end. A call reported by LangChain brings its `response`; one recorded outside the
+        callbacks (`end_call`) brings its AI messages, `answers`."""
         if self._also is not None:
-            self._also._finish(run_id, status, error, response, parent_run_id)
+            self._also._finish(run_id, status, error, response, parent_run_id, answers)
         t = self._clock()
         with self._lock:
             rec = self._runs.get(run_id)
@@ -339,6 +340,8 @@ class EnergyCallbackHandler(BaseCallbackHandler):
                 rec.error = f"{type(error).__name__}: {error}"
             if response is not None:
                 self._read_response(rec, response)
+            elif answers:
+                self._read_answers(rec, answers)
             rec.prompt_text = None
         if rec.is_call:
             self.timeline.sample_covering(rec.t_end)  # the split is final, and on the response, at the call's end
@@ -350,6 +353,10 @@ class EnergyCallbackHandler(BaseCallbackHandler):
                 self._put_energy_on(response, rec)
             else:
                 self._put_energy_on_batch(response, rec)
+        elif answers and rec.is_call and any("latency_s" in m.response_metadata for m in answers):
+            energy = self._final_energy(rec)  # (this package's models: see `_put_energy_on`)
+            for m in answers if energy is not None else ():
+                m.response_metadata["energy"] = energy
 
     def _put_energy_on_batch(self, response: LLMResult, rec: RunRecord) -> None:
         # A batch's calls end (by their own edges) before LangChain reports the last of them: their split is
@@ -372,8 +379,8 @@ class EnergyCallbackHandler(BaseCallbackHandler):
                    or "latency_s" in getattr(getattr(g, "message", None), "response_metadata", {})
                    for c in response.generations for g in c):
             return
-        energy = self._call_energy(rec)
-        if energy is None or not energy["final"]:
+        energy = self._final_energy(rec)
+        if energy is None:
             return
         for candidates in response.generations:
             for g in candidates:
@@ -381,6 +388,10 @@ class EnergyCallbackHandler(BaseCallbackHandler):
                     g.message.response_metadata["energy"] = energy
                 else:
                     g.generation_info = {**(g.generation_info or {}), "energy": energy}
+
+    def _final_energy(self, rec: RunRecord) -> dict[str, Any] | None:
+        energy = self._call_energy(rec)
+        return energy if energy is not None and energy["final"] else None
 
     def _call_energy(self, rec: RunRecord) -> dict[str, Any] | None:
         known = self._final_calls.get(rec.run_id)
@@ -390,11 +401,11 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         received = view.received.get(rec.run_id)
         if received is None:
             return None
-        cols = _columns(tuple(self.timeline.attributed_provenance().items()))
-        out: dict[str, Any] = dict(cols.columns(received.energy))
+        cols = self.timeline.attributed_columns()
+        out: dict[str, Any] = cols.columns(received.energy)
         if received.prefill is not None:
-            out["prefill_energy_j"] = cols.columns(received.prefill)["energy_j"]
-            out["decode_energy_j"] = cols.columns(received.decode or {})["energy_j"]
+            out["prefill_energy_j"] = cols.total(received.prefill)
+            out["decode_energy_j"] = cols.total(received.decode or {})
         out["provenance"] = dict(cols.groups)
         out["final"] = rec.run_id in view.final
         if out["final"]:
@@ -417,11 +428,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
                       if isinstance(g, ChatGeneration) and getattr(g.message, "usage_metadata", None)), None)
         token_usage = (response.llm_output or {}).get("token_usage") or {}
         if usage:
-            # A response's usage is on every choice (n > 1): read it once, never sum it over choices.
-            rec.prompt_tokens = _as_int(usage.get("input_tokens"))
-            rec.completion_tokens = _as_int(usage.get("output_tokens"))
-            rec.cached_tokens = _as_int((usage.get("input_token_details") or {}).get("cache_read"))
-            rec.token_source = "usage_metadata"
+            self._read_usage(rec, usage)
         elif rec.batch_size == 1 and (token_usage.get("prompt_tokens") is not None
                                       or token_usage.get("completion_tokens") is not None):
             rec.prompt_tokens = _as_int(token_usage.get("prompt_tokens"))
@@ -444,6 +451,28 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         ttft = _as_seconds(first.get("ttft_s"))
         if rec.t_first_token is None and ttft is not None:
             rec.t_first_token = min(rec.t_start + ttft, rec.t_end or math.inf)
+
+    @staticmethod
+    def _read_usage(rec: RunRecord, usage: Mapping[str, Any]) -> None:
+        # A response's usage is on every choice (n > 1): read it once, never sum it over choices.
+        rec.prompt_tokens = _as_int(usage.get("input_tokens"))
+        rec.completion_tokens = _as_int(usage.get("output_tokens"))
+        rec.cached_tokens = _as_int((usage.get("input_token_details") or {}).get("cache_read"))
+        rec.token_source = "usage_metadata"
+
+    def _read_answers(self, rec: RunRecord, answers: Sequence[AIMessage]) -> None:
+        """Tokens of a call recorded outside the callbacks, from its AI messages (as `_read_response` reads a
+        chat response's)."""
+        usage = next((m.usage_metadata for m in answers if m.usage_metadata), None)
+        if usage:
+            self._read_usage(rec, usage)
+        elif self.token_counter is not None:
+            try:
+                rec.prompt_tokens = self.token_counter(rec.prompt_text or "")
+                rec.completion_tokens = sum(self.token_counter(m.text) for m in answers)
+                rec.token_source = "counted"
+            except Exception as exc:  # a tokenizer failure must not break the user's chain
+                logger.warning("token counting failed for run %s: %s", rec.run_id, exc)
 
     def _read_timing(self, rec: RunRecord, info: Mapping[str, Any]) -> None:
         """Use the call's own edges from the response (one prompt of a batch ends before the batch does).
@@ -503,11 +532,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         if error is not None:
             self._finish(run_id, "error", error=error)
             return
-        # Built without validation (the messages are already validated): this runs on every metered call.
-        answers = [[ChatGeneration.model_construct(message=m, text=m.text, generation_info=None)]
-                   for m in messages if isinstance(m, AIMessage)]
-        self._finish(run_id, "ok", response=LLMResult.model_construct(generations=answers, llm_output=None)
-                     if answers else None)
+        self._finish(run_id, "ok", answers=[m for m in messages if isinstance(m, AIMessage)])
 
     # LangChain callback methods -------------------------------------------------------------------------
     def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID,
@@ -759,12 +784,6 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         if self.timeline.errors:
             lines.append(f"meter read failures: {self.timeline.errors} (last: {self.timeline.last_error})")
         return "\n".join(lines)
-
-
-@functools.lru_cache(maxsize=16)
-def _columns(provenance: tuple[tuple[str, str], ...]) -> EnergyColumns:
-    """The columns for one provenance (it changes only when an engine registers its GPUs): built once."""
-    return EnergyColumns(dict(provenance))
 
 
 def _copy(r: RunRecord) -> RunRecord:

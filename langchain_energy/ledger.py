@@ -19,7 +19,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_energy.attribution import Span, Weighting, attribute, interpolate, token_rate_weights
+from langchain_energy.attribution import Span, Weighting, attribute, token_rate_weights
 
 #: Run kinds that take energy first. ``engine_start`` is a managed engine starting inside a call: its joules
 #: are shown on a run of their own and never in a call's.
@@ -159,6 +159,7 @@ class Ledger:
         self._live: dict[Hashable, RunRecord] = {}  # runs that can still receive joules
         self._calls: dict[Hashable, RunRecord] = {}  # the live runs that take energy first (calls)
         self._unmarked: dict[Hashable, RunRecord] = {}  # live runs whose edge marks are not both fixed yet
+        self._crowded: set[Hashable] = set()  # live calls that overlapped another call (the others ran alone)
         self._holders: dict[Hashable, int] = {}
         # One table per weighting someone reads (`use`): a fold computes only the splits that are asked for.
         self._received: dict[str, dict[Hashable, Received]] = {"equal": {}}
@@ -219,8 +220,14 @@ class Ledger:
             return self._t[-1] if self._t else None
 
     # -- runs --------------------------------------------------------------------------------------------
-    def open(self, rec: RunRecord) -> RunRecord:
-        """Register a run (or one more holder of an already registered run) and return its one record."""
+    def open(self, rec: RunRecord, started_now: bool = False) -> RunRecord:
+        """Register a run (or one more holder of an already registered run) and return its one record.
+
+        Args:
+            rec: the run.
+            started_now: its start was stamped under this ledger's lock just now (not a run recorded late), so
+                only calls still open can overlap it.
+        """
         with self._lock:
             known = self._live.get(rec.run_id)
             if known is not None or rec.run_id in self._holders:
@@ -228,6 +235,8 @@ class Ledger:
                 return known if known is not None else rec
             self._live[rec.run_id] = rec
             if rec.takes_energy_first:
+                # (Every open run's end mark is pending: the open calls are among the few `_unmarked` runs.)
+                self._note_overlaps(rec, self._unmarked.values() if started_now else self._calls.values())
                 self._calls[rec.run_id] = rec
             self._unmarked[rec.run_id] = rec
             self._holders[rec.run_id] = 1
@@ -235,8 +244,19 @@ class Ledger:
             for table in self._received.values():
                 table[rec.run_id] = Received({c: 0.0 for c in self.components})
             self.version += 1
-            self._resolve_marks()
+            if self._t and rec.t_start <= self._t[-1]:  # (a run recorded late: a sample covers an edge already)
+                self._resolve_marks()
             return rec
+
+    def _note_overlaps(self, rec: RunRecord, candidates: Iterable[RunRecord]) -> None:
+        """Mark `rec` and the live calls among `candidates` it overlaps as crowded. Edges only ever move inward
+        after a run opens (a batch member's own latency, an engine start cut off), so what overlaps now is all
+        that ever will."""
+        end = rec.t_end if rec.t_end is not None else math.inf
+        for other in candidates:
+            if other.takes_energy_first and other.t_start < end and (other.t_end is None or other.t_end > rec.t_start):
+                self._crowded.add(other.run_id)
+                self._crowded.add(rec.run_id)
 
     def get(self, run_id: Hashable) -> RunRecord | None:
         """The live record of a run, or None once it is folded away or unknown."""
@@ -307,7 +327,14 @@ class Ledger:
                 del self._unmarked[rid]
 
     def _cumulative_at(self, t: float) -> dict[str, float]:
-        return {c: interpolate(self._t, self._e[c], t) for c in self.components}
+        ts = self._t
+        if not ts:
+            return dict.fromkeys(self.components, 0.0)
+        i = bisect.bisect_right(ts, t)  # one search for every component
+        if i == 0 or i == len(ts):
+            return {c: self._e[c][0 if i == 0 else -1] for c in self.components}
+        f = (t - ts[i - 1]) / (ts[i] - ts[i - 1])
+        return {c: ys[i - 1] + (ys[i] - ys[i - 1]) * f for c, ys in self._e.items()}
 
     def fold(self) -> None:
         """Fold everything that can no longer change now (it otherwise happens in batches, on its own)."""
@@ -331,6 +358,27 @@ class Ledger:
         t0 = self._folded_to
         if upto is None or t0 is None or upto <= t0:
             return
+        lone = self._lone_calls_within(t0, upto)
+        if lone is not None:
+            self._fold_lone_calls(lone, t0, upto)
+        else:
+            self._fold_by_attribution(t0, upto)
+        # Keep one (interpolated) sample at the fold point so later pieces interpolate exactly as before.
+        at = self._cumulative_at(upto)
+        keep = bisect.bisect_right(self._t, upto)
+        self._t = [upto] + self._t[keep:]
+        for c in self.components:
+            self._e[c] = [at[c]] + self._e[c][keep:]
+        self._folded_to = upto
+        for rid in [rid for rid, r in self._live.items() if r.t_end is not None and r.t_end <= upto]:
+            del self._live[rid]
+            self._calls.pop(rid, None)
+            self._unmarked.pop(rid, None)
+            self._crowded.discard(rid)
+            if rid not in self._holders:
+                self._drop(rid)
+
+    def _fold_by_attribution(self, t0: float, upto: float) -> None:
         spans_by_w = {w: self._spans(t0, upto, w) for w in self._received}
         cut = bisect.bisect_right(self._t, upto) + 1  # the first sample after `upto` interpolates up to it
         times = self._t[:cut]
@@ -343,19 +391,39 @@ class Ledger:
                                     result.decode.get(s.run_id), result.share_s[s.run_id])
             if n == 0:  # what nobody received is the same under every weighting: count it once
                 _add_into(self.outside_j, result.outside)
-        # Keep one (interpolated) sample at the fold point so later pieces interpolate exactly as before.
-        at = self._cumulative_at(upto)
-        keep = bisect.bisect_right(self._t, upto)
-        self._t = [upto] + self._t[keep:]
-        for c in self.components:
-            self._e[c] = [at[c]] + self._e[c][keep:]
-        self._folded_to = upto
-        for rid in [rid for rid, r in self._live.items() if r.t_end is not None and r.t_end <= upto]:
-            del self._live[rid]
-            self._calls.pop(rid, None)
-            self._unmarked.pop(rid, None)
-            if rid not in self._holders:
-                self._drop(rid)
+
+    def _lone_calls_within(self, t0: float, upto: float) -> list[RunRecord] | None:
+        """The live runs that cover time in [t0, upto] when all are calls that ran alone, inside it, with both
+        edge marks fixed (calls one after another, metered on their own); else None."""
+        calls = []
+        for r in self._live.values():
+            end = r.t_end if r.t_end is not None else math.inf
+            if min(end, upto) <= max(r.t_start, t0):
+                continue  # no time inside the window
+            if (not r.takes_energy_first or r.run_id in self._crowded or r.t_start < t0 or end > upto
+                    or None in self._cum[r.run_id]):
+                return None
+            calls.append(r)
+        return calls
+
+    def _fold_lone_calls(self, calls: list[RunRecord], t0: float, upto: float) -> None:
+        """Fold [t0, upto] in closed form: each call takes every joule between its edge marks (what `attribute`
+        gives calls that never overlap, under any weighting), and the rest of the window is outside."""
+        at_end = self._cumulative_at(upto)
+        outside = {c: at_end[c] - self._e[c][0] for c in self.components}  # (the first sample is at t0)
+        for r in calls:
+            start, end = self._cum[r.run_id]
+            energy = {c: end[c] - start[c] for c in self.components}
+            prefill = decode = None
+            if r.t_first_token is not None:
+                at_first = self._cumulative_at(min(max(r.t_first_token, r.t_start), r.t_end))
+                prefill = {c: at_first[c] - start[c] for c in self.components}
+                decode = {c: end[c] - at_first[c] for c in self.components}
+            for table in self._received.values():
+                table[r.run_id].add(energy, prefill, decode, r.t_end - r.t_start)
+            for c in self.components:
+                outside[c] -= energy[c]
+        _add_into(self.outside_j, outside)
 
     def _spans(self, t0: float, t1: float, weighting: str, calls_only: bool = False,
                within: tuple[float, float] | None = None) -> list[Span]:
@@ -408,8 +476,13 @@ class Ledger:
                 split, and `outside` then holds only what is folded.
         """
         with self._lock:
+            wanted = None if runs is None else list(runs)
+            if t is None and wanted is not None and len(wanted) == 1:
+                alone = self._lone_call_view(weighting, wanted[0])
+                if alone is not None:
+                    return alone
             folded = self._received[weighting]
-            wanted = list(folded) if runs is None else [r for r in runs if r in folded]
+            wanted = list(folded) if wanted is None else [r for r in wanted if r in folded]
             received = {rid: folded[rid].copy() for rid in wanted}
             t_cut = t if t is not None else (self._t[-1] if self._t else 0.0)
             t0 = self._folded_to
@@ -452,6 +525,28 @@ class Ledger:
                     cumulative[rid] = (start, end)
             final = {rid for rid in wanted if rid not in self._live or self._is_final(self._live[rid], weighting)}
             return LedgerView(received=received, cumulative=cumulative, t=t_cut, final=final, outside=outside)
+
+    def _lone_call_view(self, weighting: Weighting, run_id: Hashable) -> LedgerView | None:
+        """The view of one ended call that overlapped no other call, in closed form: every joule between its edge
+        marks is its own (what the split gives it, at a cost that does not grow with what else is live). None
+        when that does not apply."""
+        rec = self._calls.get(run_id)
+        if rec is None or rec.t_end is None or run_id in self._crowded or self._folded_to is None \
+                or self._folded_to > rec.t_start:
+            return None
+        marks = self._cum.get(run_id)
+        if marks is None or marks[0] is None or marks[1] is None:  # (fixed once a sample covers the edge)
+            return None
+        start, end = marks
+        received = self._received[weighting][run_id].copy()
+        prefill = decode = None
+        if rec.t_first_token is not None:
+            at_first = self._cumulative_at(min(max(rec.t_first_token, rec.t_start), rec.t_end))
+            prefill = {c: at_first[c] - start[c] for c in self.components}
+            decode = {c: end[c] - at_first[c] for c in self.components}
+        received.add({c: end[c] - start[c] for c in self.components}, prefill, decode, rec.t_end - rec.t_start)
+        return LedgerView(received={run_id: received}, cumulative={run_id: (start, end)}, t=self._t[-1],
+                          final={run_id}, outside=dict(self.outside_j))
 
     def _is_final(self, rec: RunRecord, weighting: str) -> bool:
         """A run's split is final once it has ended, a sample covers its end, and every call that overlapped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections import OrderedDict
@@ -69,12 +70,28 @@ class _Call:
 
 def _handlers_of(callbacks: Any) -> list[Any]:
     if isinstance(callbacks, BaseCallbackManager):
-        return list(callbacks.handlers)
-    return list(callbacks or [])
+        return callbacks.handlers
+    return callbacks or []
+
+
+_NAME_KEYS = ("model_name", "model")
+
+
+@functools.lru_cache(maxsize=256)
+def _name_properties(cls: type) -> frozenset[str]:
+    return frozenset(k for k in _NAME_KEYS if hasattr(cls, k))
 
 
 def _model_name(model: Any) -> str:
-    return str(getattr(model, "model_name", None) or getattr(model, "model", None) or type(model).__name__)
+    # Fields are read from the instance's dict, properties only where the class has them: asking a pydantic
+    # model for an attribute it lacks costs more than much of the metering (it builds an AttributeError).
+    fields = getattr(model, "__dict__", {})
+    properties = _name_properties(type(model))
+    for key in _NAME_KEYS:
+        value = fields[key] if key in fields else getattr(model, key) if key in properties else None
+        if value:
+            return str(value)
+    return type(model).__name__
 
 
 # When an energy handler already meters the agent's model calls, handlers in these variables join every LangChain
@@ -148,6 +165,8 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
     @property
     def handler(self) -> EnergyCallbackHandler:
         """The handler that meters the model calls (made on first use)."""
+        if self._handler is not None:
+            return self._handler
         with self._lock:
             if self._handler is None:
                 self._handler = EnergyCallbackHandler()
@@ -200,10 +219,12 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         """Whether an energy handler on this handler's ledger already sees the model call (the agent's callbacks,
         the model's own, or an `energy_callback()` block): then the call is one record both handlers hold."""
         config = var_child_runnable_config.get() or {}
-        around = [*_handlers_of(config.get("callbacks")), *_handlers_of(getattr(model, "callbacks", None)),
-                  _energy_callback_var.get()]
         ledger = self.handler.ledger
-        return any(isinstance(h, EnergyCallbackHandler) and h.ledger is ledger for h in around)
+        own = getattr(model, "__dict__", {}).get("callbacks")  # (a field: no pydantic attribute lookup)
+        for handlers in (_handlers_of(config.get("callbacks")), _handlers_of(own), (_energy_callback_var.get(),)):
+            if any(isinstance(h, EnergyCallbackHandler) and h.ledger is ledger for h in handlers):
+                return True
+        return False
 
     @contextmanager
     def _metered(self, model: Any) -> Iterator[_Call]:

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from langchain_energy.accounting import EnergyColumns, is_measured
+from langchain_energy.attribution import interpolate
 from langchain_energy.errors import ConfigError
-from langchain_energy.ledger import Ledger, interpolate
+from langchain_energy.ledger import Ledger
 from langchain_energy.meters.base import Clock, Meter
 from langchain_energy.meters.served import is_attributed, served_gpus
 from langchain_energy.meters.estimated import busy_fraction, cpu_busy_and_total
@@ -70,6 +72,23 @@ def _percent(busy: list[float], total: list[float]) -> list[float]:
     return out
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """Which components' joules are shared among calls, for one set of served GPUs."""
+
+    served: frozenset[int] | None
+    provenance: dict[str, str]
+    held: frozenset[str]
+    columns: EnergyColumns
+    measured: bool
+
+    @classmethod
+    def of(cls, provenance: dict[str, str], served: frozenset[int] | None) -> _Shared:
+        shared = {k: p for k, p in provenance.items() if is_attributed(k, served)}
+        return cls(served=served, provenance=shared, held=frozenset(provenance.keys() - shared.keys()),
+                   columns=EnergyColumns(shared), measured=any(is_measured(p) for p in shared.values()))
+
+
 class Timeline:
     """Samples a meter in a background thread at a fixed interval and answers energy questions.
 
@@ -108,7 +127,7 @@ class Timeline:
         self._data_lock = threading.Lock()
         self._ctl_lock = threading.Lock()
         self._edge_lock = threading.Lock()
-        self._held: tuple[frozenset[int] | None, frozenset[str]] | None = None
+        self._shared_now: _Shared | None = None
         self._refs = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -202,17 +221,31 @@ class Timeline:
             if n > self.max_samples:
                 self._thin()
 
-    def _held_components(self) -> frozenset[str]:
+    def _shared(self) -> _Shared:
         served = served_gpus()
-        known = self._held
-        if known is None or known[0] != served:  # it changes only when an engine registers its GPUs
-            known = self._held = (served, frozenset(k for k in self.provenance if not is_attributed(k, served)))
-        return known[1]
+        known = self._shared_now
+        if known is None or known.served != served:  # it changes only when an engine registers its GPUs
+            known = self._shared_now = _Shared.of(self.provenance, served)
+        return known
+
+    def _held_components(self) -> frozenset[str]:
+        return self._shared().held
 
     def attributed_provenance(self) -> dict[str, str]:
         """Provenance of the components whose joules are shared among calls (GPUs the engines serve on)."""
-        served = served_gpus()
-        return {k: p for k, p in self.provenance.items() if is_attributed(k, served)}
+        return dict(self._shared().provenance)
+
+    def attributed_columns(self) -> EnergyColumns:
+        """The record columns of the shared components (built once per set of served GPUs)."""
+        return self._shared().columns
+
+    @property
+    def counters_step(self) -> bool:
+        """Whether a shared component is a measured counter, which steps (NVML's, RAPL's): then a run's start is
+        sampled, else the time before it would take part of its first step. An estimate is computed at each read
+        from the utilization measured over the interval, known at its end: a read at a start would only make
+        the time before it use an older utilization, so estimates are read at ends only."""
+        return self._shared().measured
 
     def sample_if_stale(self, max_age_s: float, edge: bool = False) -> None:
         """Sample now unless the newest sample is younger than `max_age_s` (cheap edges for rapid-fire runs)."""

@@ -224,21 +224,37 @@ def _interp(ts, ys, t):
     return ys[-1]
 
 
-@settings(max_examples=150, deadline=None)
-@given(timelines(), st.floats(-10, 110, **finite), st.floats(0, 50, **finite), st.one_of(st.none(), st.floats(0, 1)),
-       st.tuples(st.floats(0, 1), st.floats(0, 1)))
-def test_a_lone_call_over_its_window_splits_as_the_general_rule_does(tl, a, length, first, cut):
-    # One call covering the window takes a closed form; a chain around it sends it through the general rule,
-    # and chains never change a call's share.
+@st.composite
+def disjoint_calls(draw):
+    """Calls that never overlap (they may touch), each with or without a first token, in any order."""
+    cuts = sorted(x + 0.0 for x in draw(st.lists(st.floats(-10, 110, **finite), min_size=0, max_size=16)))
+    spans = []
+    for i, (a, b) in enumerate(zip(cuts[::2], cuts[1::2])):
+        first = draw(st.one_of(st.none(), st.floats(-0.5, 1.5)))
+        spans.append(Span(i, a, b, t_first_token=None if first is None else a + first * (b - a)))
+    return draw(st.permutations(spans))
+
+
+@settings(max_examples=200, deadline=None)
+@given(timelines(), disjoint_calls(), st.one_of(st.none(), st.tuples(st.floats(-20, 120, **finite),
+                                                                     st.floats(0, 60, **finite))))
+def test_calls_that_never_overlap_split_as_the_general_rule_does(tl, calls, window):
+    # Calls that never overlap take a closed form; a chain around them sends them through the general rule (the
+    # sweep), where chains never change a call's share and the chain receives exactly what was outside.
     times, series = tl
-    b = a + length
-    call = Span("c", a, b, t_first_token=None if first is None else a + first * length)
-    lo, hi = sorted((a + cut[0] * length, a + cut[1] * length))
-    alone = attribute(times, series, [call], window=(lo, hi))
-    general = attribute(times, series, [call, Span("chain", a - 1.0, b + 1.0, is_call=False)], window=(lo, hi))
+    window = None if window is None else (window[0], window[0] + window[1])
+    if window is None and not calls:
+        window = (times[0], times[-1])
+    lo, hi = window if window is not None else (min(s.t_start for s in calls), max(s.t_end for s in calls))
+    alone = attribute(times, series, calls, window=(lo, hi))
+    chain = Span("chain", lo - 1.0, hi + 1.0, is_call=False)
+    general = attribute(times, series, [*calls, chain], window=(lo, hi))
     scale = max(abs(v) for vs in series.values() for v in vs)
-    for part in ("direct", "prefill", "decode"):
-        got, want = getattr(alone, part).get("c", {}), getattr(general, part).get("c", {})
-        assert got.keys() == want.keys() and all(close(got[k], want[k], scale) for k in want)
-    assert close(alone.share_s["c"], general.share_s["c"], hi - lo)
+    for s in calls:
+        for part in ("direct", "prefill", "decode"):
+            got, want = getattr(alone, part).get(s.run_id, {}), getattr(general, part).get(s.run_id, {})
+            assert got.keys() == want.keys() and all(close(got[k], want[k], scale) for k in want)
+        assert close(alone.share_s[s.run_id], general.share_s[s.run_id], hi - lo)
+    assert all(close(alone.outside[k], general.direct["chain"][k], scale) for k in series)
+    assert close(alone.outside_s, general.share_s["chain"], hi - lo)
     assert all(close(alone.total[k], general.total[k], scale) for k in series)

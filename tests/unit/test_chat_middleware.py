@@ -17,7 +17,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from langchain_energy import ChatServing, EnergyBudgetMiddleware, EnergyCallbackHandler
 from langchain_energy.errors import ConfigError
 from langchain_energy.meters import ManualClock, ReplayMeter
-from langchain_energy.middleware import EnergyBudgetState
+from langchain_energy.middleware import EnergyBudgetState, _model_name
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, "10", True])
@@ -151,6 +151,19 @@ def test_alone_the_middleware_meters_a_model_call_without_langchain_callbacks():
     assert state["energy"]["energy_j"] == pytest.approx(200.0) and state["energy"]["output_tokens"] == 4
     calls = handler.to_dataframe()
     assert len(calls) == 1 and calls.iloc[0].kind == "chat_model" and calls.iloc[0].completion_tokens == 4
+
+
+def test_a_call_is_recorded_under_its_models_name():
+    class Named(ScriptedChat):
+        model_name: str = "tiny-1"
+
+    class NamedByProperty(ScriptedChat):
+        @property
+        def model(self) -> str:
+            return "tiny-2"
+
+    assert [_model_name(m) for m in (Named(), NamedByProperty(), ScriptedChat())] == ["tiny-1", "tiny-2",
+                                                                                        "ScriptedChat"]
 
 
 def test_beside_the_users_energy_handler_a_model_call_is_counted_once():

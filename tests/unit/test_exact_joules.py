@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 from typing import Any
 from uuid import uuid4
 
@@ -259,6 +260,26 @@ def test_every_call_edge_is_sampled():
             handler.on_llm_end(LLMResult(generations=[[Generation(text="o")]]), run_id=run)
             clock.advance(0.05)
         assert meter.reads - before >= 10
+
+
+def test_an_estimate_is_read_at_a_calls_end_but_not_at_its_start():
+    # An estimate's joules over an interval come from the utilization measured over it, known at the interval's
+    # end: a read at a call's start would only make the time before it use an older utilization. (A counter
+    # that steps, such as NVML's, is read at both edges: the test above.)
+    clock = ManualClock(50.0)
+    meter = ReplayMeter({"cpu": [(0.0, 100.0)]}, clock=clock, provenance={"cpu": "estimated:replay"})
+    reads_here = []
+    real_read = meter.read
+    meter.read = lambda: (reads_here.append(threading.current_thread() is threading.main_thread()), real_read())[1]
+    with EnergyCallbackHandler(meter=meter) as handler:
+        clock.advance(0.05)
+        before = sum(reads_here)
+        results = [PerCallLatencyLLM(clock=clock, latencies=[0.01]).generate(["x"], callbacks=[handler])
+                   for _ in range(5)]
+        assert sum(reads_here) - before == 5
+    energies = [r.generations[0][0].generation_info["energy"] for r in results]
+    assert all(e["final"] for e in energies)
+    assert [e["energy_j"] for e in energies] == pytest.approx([100.0 * 0.01] * 5)
 
 
 def test_a_call_shorter_than_the_edge_window_still_gets_its_final_joules_on_the_response():

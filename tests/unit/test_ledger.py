@@ -51,7 +51,7 @@ def histories(draw):
     return events
 
 
-def replay(events, weighting):
+def replay(events, weighting, fold_at_samples=False):
     ledger = Ledger(("gpu:0",))
     ledger.use(weighting)
     recs = {}
@@ -61,30 +61,40 @@ def replay(events, weighting):
             ledger.add_sample(ev[1], {"gpu:0": ev[2]})
             times.append(ev[1])
             cum.append(ev[2])
+            if fold_at_samples:  # fold in as many pieces as can be (it otherwise happens in batches)
+                ledger.fold()
         elif ev[0] == "start":
             _, t, rid, parent, kind, tokens = ev
             rec = call(rid, t, parent, kind)
             rec.prompt_tokens, rec.completion_tokens = tokens
             recs[rid] = ledger.open(rec)
         else:
+            rec = recs[ev[2]]
+            if rec.is_call:  # a call's first token comes a third of the way in (splits prefill from decode)
+                rec.t_first_token = rec.t_start + (ev[1] - rec.t_start) / 3
             ledger.close_run(ev[2], ev[1])
     return ledger, recs, times, cum
 
 
-@settings(max_examples=150, deadline=None)
-@given(histories(), st.sampled_from(["equal", "tokens"]))
-def test_folding_in_pieces_equals_attributing_the_whole_history(events, weighting):
-    ledger, recs, times, cum = replay(events, weighting)
+@settings(max_examples=200, deadline=None)
+@given(histories(), st.sampled_from(["equal", "tokens"]), st.booleans(), st.booleans())
+def test_folding_in_pieces_equals_attributing_the_whole_history(events, weighting, in_pieces, folded_at_end):
+    ledger, recs, times, cum = replay(events, weighting, fold_at_samples=in_pieces)
+    if folded_at_end:
+        ledger.fold()
     view = ledger.view(weighting, t=times[-1])
     spans = []
     for r in recs.values():
-        pw, dw = (token_rate_weights(r.prompt_tokens, r.completion_tokens, r.t_start, r.t_end)
+        pw, dw = (token_rate_weights(r.prompt_tokens, r.completion_tokens, r.t_start, r.t_end, r.t_first_token)
                   if weighting == "tokens" and r.is_call else (1.0, None))
-        spans.append(Span(r.run_id, r.t_start, r.t_end, r.is_call, r.parent_run_id, None, pw, dw))
+        spans.append(Span(r.run_id, r.t_start, r.t_end, r.is_call, r.parent_run_id, r.t_first_token, pw, dw))
     pure = attribute(times, {"gpu:0": cum}, spans, window=(times[0], times[-1]), weighting=weighting)
     for rid in recs:
         assert view.received[rid].energy["gpu:0"] == pytest.approx(pure.direct[rid]["gpu:0"], rel=1e-9, abs=1e-6)
         assert view.received[rid].share_s == pytest.approx(pure.share_s[rid], rel=1e-9, abs=1e-9)
+        if rid in pure.prefill:
+            got = (view.received[rid].prefill or {"gpu:0": 0.0})["gpu:0"]  # (None: it ran before the first sample)
+            assert got == pytest.approx(pure.prefill[rid]["gpu:0"], rel=1e-9, abs=1e-6)
     # conservation over the ledger's life: every joule went to a run or outside
     got = math.fsum(v.energy["gpu:0"] for v in view.received.values()) + view.outside["gpu:0"]
     assert got == pytest.approx(cum[-1] - cum[0], rel=1e-9, abs=1e-6)
@@ -148,6 +158,28 @@ def test_one_runs_view_is_its_share_in_the_whole_view(events, weighting, cut):
                                                                    abs=1e-6)
         assert one.received[rid].share_s == pytest.approx(whole.received[rid].share_s, rel=1e-9, abs=1e-9)
         assert (rid in one.final) == (rid in whole.final)
+        assert (one.received[rid].prefill is None) == (whole.received[rid].prefill is None)
+        if one.received[rid].prefill is not None:
+            assert one.received[rid].prefill["gpu:0"] == pytest.approx(whole.received[rid].prefill["gpu:0"],
+                                                                       rel=1e-9, abs=1e-6)
+        assert one.cumulative.get(rid) == whole.cumulative.get(rid)
+
+
+def test_a_call_recorded_late_still_shares_the_time_of_an_ended_call_it_overlapped():
+    # "b" is recorded from its end (its start event never came) after "a" ended: it ran from t=2, beside "a".
+    ledger = Ledger(("gpu:0",))
+    for t in range(0, 7):
+        ledger.add_sample(float(t), {"gpu:0": 100.0 * t})
+        if t == 1:
+            ledger.open(call("a", 1.0))
+        if t == 3:
+            ledger.close_run("a", 3.0)
+        if t == 4:
+            ledger.open(call("b", 2.0))
+        if t == 5:
+            ledger.close_run("b", 5.0)
+    assert ledger.view("equal", runs=["a"]).received["a"].energy["gpu:0"] == pytest.approx(100.0 + 50.0)
+    assert ledger.view("equal", runs=["b"]).received["b"].energy["gpu:0"] == pytest.approx(50.0 + 200.0)
 
 
 def test_a_view_for_one_ended_call_splits_only_the_time_it_ran(monkeypatch):
