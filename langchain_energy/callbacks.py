@@ -438,12 +438,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
             rec.token_source = "llm_output"
         elif self.token_counter is not None:
             # Also for a batch, whose llm_output holds only the batch's sum: an aggregate is never one call's.
-            try:
-                rec.prompt_tokens = self.token_counter(rec.prompt_text or "")
-                rec.completion_tokens = sum(self.token_counter(g.text) for g in gens)
-                rec.token_source = "counted"
-            except Exception as exc:  # a tokenizer failure must not break the user's chain
-                logger.warning("token counting failed for run %s: %s", rec.run_id, exc)
+            self._count_tokens(rec, [g.text for g in gens])
         elif rec.batch_size > 1:
             rec.token_source = "unavailable:batch-aggregate"
         if rec.batch_size > 1:
@@ -467,12 +462,17 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         if usage:
             self._read_usage(rec, usage)
         elif self.token_counter is not None:
-            try:
-                rec.prompt_tokens = self.token_counter(rec.prompt_text or "")
-                rec.completion_tokens = sum(self.token_counter(m.text) for m in answers)
-                rec.token_source = "counted"
-            except Exception as exc:  # a tokenizer failure must not break the user's chain
-                logger.warning("token counting failed for run %s: %s", rec.run_id, exc)
+            self._count_tokens(rec, [m.text for m in answers])
+
+    def _count_tokens(self, rec: RunRecord, answers: Sequence[str]) -> None:
+        """Count a call's prompt and answers with the handler's `token_counter` (none was reported)."""
+        assert self.token_counter is not None
+        try:
+            rec.prompt_tokens = self.token_counter(rec.prompt_text or "")
+            rec.completion_tokens = sum(self.token_counter(text) for text in answers)
+            rec.token_source = "counted"
+        except Exception as exc:  # a tokenizer failure must not break the user's chain
+            logger.warning("token counting failed for run %s: %s", rec.run_id, exc)
 
     def _read_timing(self, rec: RunRecord, info: Mapping[str, Any]) -> None:
         """Use the call's own edges from the response (one prompt of a batch ends before the batch does).

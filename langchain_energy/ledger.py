@@ -412,18 +412,25 @@ class Ledger:
         at_end = self._cumulative_at(upto)
         outside = {c: at_end[c] - self._e[c][0] for c in self.components}  # (the first sample is at t0)
         for r in calls:
-            start, end = self._cum[r.run_id]
-            energy = {c: end[c] - start[c] for c in self.components}
-            prefill = decode = None
-            if r.t_first_token is not None:
-                at_first = self._cumulative_at(min(max(r.t_first_token, r.t_start), r.t_end))
-                prefill = {c: at_first[c] - start[c] for c in self.components}
-                decode = {c: end[c] - at_first[c] for c in self.components}
+            energy, prefill, decode = self._lone_split(r)
             for table in self._received.values():
                 table[r.run_id].add(energy, prefill, decode, r.t_end - r.t_start)
             for c in self.components:
                 outside[c] -= energy[c]
         _add_into(self.outside_j, outside)
+
+    def _lone_split(self, rec: RunRecord) -> tuple[dict[str, float], dict[str, float] | None,
+                                                   dict[str, float] | None]:
+        """Joules of an ended call that ran alone, from its edge marks: in all, before and after its first token
+        (None when that is not known)."""
+        start, end = self._cum[rec.run_id]
+        assert start is not None and end is not None and rec.t_end is not None
+        energy = {c: end[c] - start[c] for c in self.components}
+        if rec.t_first_token is None:
+            return energy, None, None
+        at_first = self._cumulative_at(min(max(rec.t_first_token, rec.t_start), rec.t_end))
+        return (energy, {c: at_first[c] - start[c] for c in self.components},
+                {c: end[c] - at_first[c] for c in self.components})
 
     def _spans(self, t0: float, t1: float, weighting: str, calls_only: bool = False,
                within: tuple[float, float] | None = None) -> list[Span]:
@@ -537,15 +544,9 @@ class Ledger:
         marks = self._cum.get(run_id)
         if marks is None or marks[0] is None or marks[1] is None:  # (fixed once a sample covers the edge)
             return None
-        start, end = marks
         received = self._received[weighting][run_id].copy()
-        prefill = decode = None
-        if rec.t_first_token is not None:
-            at_first = self._cumulative_at(min(max(rec.t_first_token, rec.t_start), rec.t_end))
-            prefill = {c: at_first[c] - start[c] for c in self.components}
-            decode = {c: end[c] - at_first[c] for c in self.components}
-        received.add({c: end[c] - start[c] for c in self.components}, prefill, decode, rec.t_end - rec.t_start)
-        return LedgerView(received={run_id: received}, cumulative={run_id: (start, end)}, t=self._t[-1],
+        received.add(*self._lone_split(rec), rec.t_end - rec.t_start)
+        return LedgerView(received={run_id: received}, cumulative={run_id: (marks[0], marks[1])}, t=self._t[-1],
                           final={run_id}, outside=dict(self.outside_j))
 
     def _is_final(self, rec: RunRecord, weighting: str) -> bool:
