@@ -27,8 +27,6 @@ from langchain_core.messages.tool import tool_call
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
 
-from langchain_energy.callbacks import EnergyCallbackHandler
-from langchain_energy.meters import auto_meter
 from langchain_energy.middleware import EnergyBudgetMiddleware
 
 TARGET_MS = 0.2
@@ -83,7 +81,7 @@ def timings_ms(served: bool, runs: int) -> dict[str, float]:
     medians of the differences. The three take turns one agent run at a time (in a rotating order), so a slow
     spell of the machine hits them alike and each difference is between runs a few milliseconds apart."""
     model = InstantChat(served=served)
-    middleware = EnergyBudgetMiddleware(budget_j=1e12, handler=EnergyCallbackHandler(meter=auto_meter()))
+    middleware = EnergyBudgetMiddleware(budget_j=1e12)  # (as users make it: its own handler, the automatic meter)
     agents = {"bare": create_agent(model, tools=[noop]),
               "pass": create_agent(model, tools=[noop], middleware=[PassThrough()]),
               "energy": create_agent(model, tools=[noop], middleware=[middleware])}

@@ -71,6 +71,9 @@ def is_measured(label: str) -> bool:
     return label.startswith("measured:")
 
 
+_GROUP_COLUMNS = {g: f"energy_{g}_j" for g in COMPONENTS}
+
+
 @dataclass
 class EnergyColumns:
     """How to turn per-component joules into record columns, given the meter's provenance."""
@@ -82,6 +85,7 @@ class EnergyColumns:
         self.gpus = sorted(k for k in self.provenance if component_group(k) == "gpu")
         self.measured = [k for k, p in self.provenance.items() if is_measured(p)]
         self._group_of = {k: component_group(k) for k in self.provenance}  # (this runs for every call's record)
+        self._gpu_columns = [(k, f"energy_gpu{k.split(':', 1)[1]}_j") for k in self.gpus]
 
     def _by_group(self, energy: Mapping[str, float]) -> dict[str, float]:
         """Joules per available group (NaN for a group the meter does not report)."""
@@ -99,12 +103,13 @@ class EnergyColumns:
 
     def columns(self, energy: Mapping[str, float]) -> dict[str, float]:
         """``energy_j``, per group, ``energy_measured_j`` and per GPU (``energy_gpu0_j``, ...)."""
-        out: dict[str, float] = {f"energy_{g}_j": j for g, j in self._by_group(energy).items()}
-        known = [v for v in out.values() if not math.isnan(v)]
+        by_group = self._by_group(energy)
+        out: dict[str, float] = {_GROUP_COLUMNS[g]: j for g, j in by_group.items()}
+        known = [v for v in by_group.values() if not math.isnan(v)]
         out["energy_j"] = math.fsum(known) if known else _NAN
         out["energy_measured_j"] = math.fsum(energy.get(k, 0.0) for k in self.measured) if self.measured else _NAN
-        for k in self.gpus:
-            out[f"energy_gpu{k.split(':', 1)[1]}_j"] = energy.get(k, 0.0)
+        for k, column in self._gpu_columns:
+            out[column] = energy.get(k, 0.0)
         return out
 
     def column_provenance(self) -> dict[str, str]:

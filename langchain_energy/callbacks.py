@@ -12,16 +12,17 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage, get_buffer_string
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.tracers.context import register_configure_hook
+from langchain_core.utils.uuid import uuid7
 
 from langchain_energy.accounting import (
     RUN_COLUMNS,
@@ -255,7 +256,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
 
     # -- recording ---------------------------------------------------------------------------------------
     def _start(self, run_id: UUID, parent_run_id: UUID | None, kind: str, name: str,
-               tags: list[str] | None, metadata: dict[str, Any] | None, prompt_text: str | None = None,
+               tags: list[str] | None, metadata: Mapping[str, Any] | None, prompt_text: str | None = None,
                batch_size: int = 1) -> None:
         if self._also is not None:
             self._also._start(run_id, parent_run_id, kind, name, tags, metadata, prompt_text, batch_size)
@@ -522,8 +523,8 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         Returns:
             The call's run id, for `end_call` and `energy_of`.
         """
-        run_id = uuid4()
-        self._start(run_id, None, "chat_model", name, None, dict(metadata or {}))
+        run_id = uuid7()  # (time-ordered, as LangChain's own run ids)
+        self._start(run_id, None, "chat_model", name, None, metadata)  # (`_start` copies the metadata)
         return run_id
 
     def end_call(self, run_id: UUID, messages: Sequence[BaseMessage] = (), error: BaseException | None = None) -> None:
@@ -629,6 +630,16 @@ class EnergyCallbackHandler(BaseCallbackHandler):
             self._runs.clear()
             self._final_calls.clear()
             self._frozen = None
+            self._cache = None
+        self.ledger.release(ids)
+
+    def forget(self, run_ids: Iterable[Hashable]) -> None:
+        """Forget these runs' records (their joules stay counted in the ledger's totals; a run still open is
+        dropped there once it is folded)."""
+        with self._lock:
+            ids = [rid for rid in run_ids if self._runs.pop(rid, None) is not None]
+            for rid in ids:
+                self._final_calls.pop(rid, None)
             self._cache = None
         self.ledger.release(ids)
 

@@ -30,7 +30,7 @@ ENERGY_FIRST_KINDS = (*CALL_KINDS, "engine_start")
 _FOLD_EVERY = 64
 
 
-@dataclass
+@dataclass(slots=True)
 class RunRecord:
     """What is known about one run (LLM call, chat-model call, chain, graph node, tool, engine start).
 
@@ -79,7 +79,7 @@ class RunRecord:
         return max((self.prompt_tokens or 0) - (self.cached_tokens or 0), 0) + (self.completion_tokens or 0)
 
 
-@dataclass
+@dataclass(slots=True)
 class Received:
     """What one run received: joules per component, split at the first token for calls, and seconds."""
 
@@ -160,6 +160,7 @@ class Ledger:
         self._calls: dict[Hashable, RunRecord] = {}  # the live runs that take energy first (calls)
         self._unmarked: dict[Hashable, RunRecord] = {}  # live runs whose edge marks are not both fixed yet
         self._crowded: set[Hashable] = set()  # live calls that overlapped another call (the others ran alone)
+        self._links: dict[Hashable, Hashable | None] = {}  # folded run -> its parent, where it links live runs
         self._holders: dict[Hashable, int] = {}
         # One table per weighting someone reads (`use`): a fold computes only the splits that are asked for.
         self._received: dict[str, dict[Hashable, Received]] = {"equal": {}}
@@ -174,7 +175,7 @@ class Ledger:
         """Keep the split by `weighting` from now on (runs opened later are shared by it too)."""
         with self._lock:
             if weighting not in self._received:
-                self._received[weighting] = {rid: Received({c: 0.0 for c in self.components}) for rid in self._live}
+                self._received[weighting] = {rid: Received(dict.fromkeys(self.components, 0.0)) for rid in self._live}
 
     # -- samples -----------------------------------------------------------------------------------------
     def add_sample(self, t: float, cumulative: Mapping[str, float], held: frozenset[str] = frozenset()) -> None:
@@ -242,7 +243,7 @@ class Ledger:
             self._holders[rec.run_id] = 1
             self._cum[rec.run_id] = [None, None]
             for table in self._received.values():
-                table[rec.run_id] = Received({c: 0.0 for c in self.components})
+                table[rec.run_id] = Received(dict.fromkeys(self.components, 0.0))
             self.version += 1
             if self._t and rec.t_start <= self._t[-1]:  # (a run recorded late: a sample covers an edge already)
                 self._resolve_marks()
@@ -370,13 +371,38 @@ class Ledger:
         for c in self.components:
             self._e[c] = [at[c]] + self._e[c][keep:]
         self._folded_to = upto
-        for rid in [rid for rid, r in self._live.items() if r.t_end is not None and r.t_end <= upto]:
+        ended = {rid: r for rid, r in self._live.items() if r.t_end is not None and r.t_end <= upto}
+        for rid in ended:
             del self._live[rid]
             self._calls.pop(rid, None)
             self._unmarked.pop(rid, None)
             self._crowded.discard(rid)
             if rid not in self._holders:
                 self._drop(rid)
+        self._keep_links(ended)
+
+    def _keep_links(self, ended: Mapping[Hashable, RunRecord]) -> None:
+        """Remember the parents of folded runs that still link live runs: a chain's time goes to its innermost
+        open runs, so a run whose parent has ended still yields to the grandparent (an ended run between them
+        does not make them strangers)."""
+        parent_of = {**self._links, **{rid: r.parent_run_id for rid, r in ended.items()}}
+        links: dict[Hashable, Hashable | None] = {}
+        for r in self._live.values():
+            p = r.parent_run_id
+            while p is not None and p not in self._live and p in parent_of and p not in links:
+                links[p] = parent_of[p]
+                p = links[p]
+        self._links = links
+
+    def _enclosing(self, parent: Hashable | None) -> Hashable | None:
+        """The nearest live run among a run's ancestors, from its parent's id."""
+        if parent is None or parent in self._live:
+            return parent
+        seen = set()
+        while parent is not None and parent not in self._live and parent not in seen:
+            seen.add(parent)
+            parent = self._links.get(parent)
+        return parent if parent in self._live else None
 
     def _fold_by_attribution(self, t0: float, upto: float) -> None:
         spans_by_w = {w: self._spans(t0, upto, w) for w in self._received}
@@ -450,7 +476,7 @@ class Ledger:
                         batch_tokens.setdefault(c.batch_key, []).append(c.tokens)
             pw, dw = self._weights(r, end, weighting, batch_tokens or {})
             first = r.t_first_token if r.takes_energy_first else None
-            parent = r.parent_run_id if r.parent_run_id in self._live else None
+            parent = self._enclosing(r.parent_run_id)
             spans.append(Span(run_id=r.run_id, t_start=r.t_start, t_end=end, is_call=r.takes_energy_first,
                               parent_id=parent, t_first_token=first, prefill_weight=pw, decode_weight=dw))
         return spans
@@ -544,8 +570,8 @@ class Ledger:
         marks = self._cum.get(run_id)
         if marks is None or marks[0] is None or marks[1] is None:  # (fixed once a sample covers the edge)
             return None
-        received = self._received[weighting][run_id].copy()
-        received.add(*self._lone_split(rec), rec.t_end - rec.t_start)
+        # Nothing of it is folded yet (the fold has not reached its start): its split is all it has received.
+        received = Received(*self._lone_split(rec), share_s=rec.t_end - rec.t_start)
         return LedgerView(received={run_id: received}, cumulative={run_id: (marks[0], marks[1])}, t=self._t[-1],
                           final={run_id}, outside=dict(self.outside_j))
 

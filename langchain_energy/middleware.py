@@ -116,8 +116,8 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         budget_j: joules one run may spend on model calls (None: no joule budget).
         budget_j_per_token: joules per generated token the run may reach (None: no such budget).
         fallback_model: the model to switch to once the budget is spent (None: end the run).
-        handler: the energy handler that meters the calls (default: one made on first use, on the shared
-            timeline of the automatic meter).
+        handler: the energy handler that meters the calls, and keeps their table (default: one made on first
+            use, on the shared timeline of the automatic meter, which forgets each call once it is counted).
         min_tokens_for_rate: generated tokens the run needs before `budget_j_per_token` is judged.
 
     Example:
@@ -159,6 +159,7 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         self.fallback_model = fallback_model
         self.min_tokens_for_rate = min_tokens_for_rate
         self._handler = handler
+        self._owns_handler = handler is None  # (its own handler forgets each call once counted: see `_count`)
         self._lock = threading.Lock()
         self._run_of_thread: OrderedDict[str, Any] = OrderedDict()  # thread id -> its latest run's control
 
@@ -215,15 +216,25 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         out["exhausted"] = self._spent(out) is not None
         return out
 
+    def _count(self, summary: dict[str, Any], call: _Call, fallback: bool) -> dict[str, Any]:
+        """The run's summary with this call added. The middleware's own handler then forgets the call: an agent
+        that runs for months must not keep a record per call (a handler given by the user keeps its table)."""
+        summary = self._add_call(summary, call.run_ids, call.messages, fallback)
+        if self._owns_handler:
+            self.handler.forget(call.run_ids)
+        return summary
+
     def _metered_elsewhere(self, model: Any) -> bool:
         """Whether an energy handler on this handler's ledger already sees the model call (the agent's callbacks,
         the model's own, or an `energy_callback()` block): then the call is one record both handlers hold."""
-        config = var_child_runnable_config.get() or {}
+        config = var_child_runnable_config.get()
         ledger = self.handler.ledger
         own = getattr(model, "__dict__", {}).get("callbacks")  # (a field: no pydantic attribute lookup)
-        for handlers in (_handlers_of(config.get("callbacks")), _handlers_of(own), (_energy_callback_var.get(),)):
-            if any(isinstance(h, EnergyCallbackHandler) and h.ledger is ledger for h in handlers):
-                return True
+        for handlers in (_handlers_of(config.get("callbacks") if config else None), _handlers_of(own),
+                         (_energy_callback_var.get(),)):
+            for h in handlers:
+                if isinstance(h, EnergyCallbackHandler) and h.ledger is ledger:
+                    return True
         return False
 
     @contextmanager
@@ -301,7 +312,7 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         with self._metered(request.model) as call:
             response = handler(request)
             call.messages = response.result
-        summary = self._add_call(summary, call.run_ids, response.result, fallback)
+        summary = self._count(summary, call, fallback)
         return ExtendedModelResponse(model_response=response, command=Command(update={"energy": summary}))
 
     async def awrap_model_call(self, request: ModelRequest,
@@ -314,5 +325,5 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         with self._metered(request.model) as call:
             response = await handler(request)
             call.messages = response.result
-        summary = self._add_call(summary, call.run_ids, response.result, fallback)
+        summary = self._count(summary, call, fallback)
         return ExtendedModelResponse(model_response=response, command=Command(update={"energy": summary}))

@@ -306,11 +306,20 @@ def zeusd_meter(url: str, gpu_indices: Sequence[int] | None = None) -> Any:
     Raises:
         ConfigError: ``url`` is not an http(s) URL with a host.
     """
+    from langchain_energy.meters import auto_meter
+
+    return auto_meter(zeusd={zeusd_node(url): url}, gpu_indices=gpu_indices)
+
+
+def zeusd_node(url: str) -> str:
+    """The node name of the ``zeusd`` at ``url``: the URL's host (this machine's name for a local daemon).
+
+    Raises:
+        ConfigError: ``url`` is not an http(s) URL with a host.
+    """
     import re
     import socket
     from urllib.parse import urlparse
-
-    from langchain_energy.meters import auto_meter
 
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -318,5 +327,4 @@ def zeusd_meter(url: str, gpu_indices: Sequence[int] | None = None) -> Any:
     host = parsed.hostname
     if host in ("127.0.0.1", "localhost", "::1"):
         host = socket.gethostname().split(".")[0]
-    node = re.sub(r"[^A-Za-z0-9_]", "_", host) or "node"
-    return auto_meter(zeusd={node: url}, gpu_indices=gpu_indices)
+    return re.sub(r"[^A-Za-z0-9_]", "_", host) or "node"

@@ -294,10 +294,11 @@ def fig_utilization(timeline: pd.DataFrame, bins: int = 50) -> Figure:
         for _, trial in part.groupby("key"):
             t = trial["t"].to_numpy(dtype=float)
             y = trial[col].to_numpy(dtype=float)
-            if len(t) < 2 or t[-1] <= t[0]:
+            known = np.isfinite(y)  # (edge samples and a run's first carry no utilization: draw through them)
+            if len(t) < 2 or t[-1] <= t[0] or known.sum() < 2:
                 continue
             grid = np.linspace(0, 1, bins)
-            curves.append(np.interp(grid, (t - t[0]) / (t[-1] - t[0]), y))
+            curves.append(np.interp(grid, (t[known] - t[0]) / (t[-1] - t[0]), y[known]))
         if not curves:
             continue
         mean = np.nanmean(np.vstack(curves), axis=0)

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from chains.harness.engine_runner import EngineTrialRunner
+from chains.harness.engine_runner import EngineTrialRunner, zeusd_node
 from chains.harness.overhead import overhead_part
 from chains.harness.roofline import roofline_part
 from chains.harness.store import ResultStore, SweepSpec
@@ -97,22 +97,23 @@ SEARCH_PARTS = ("search-batch", "search-graphs")  # where the roofline looks for
 
 
 
-def sweep_part(name: str, size: dict, out: Path, deadline: float | None, ray: str | None = None) -> str:
-    """Run one sweep part into ``out/name`` (on a Ray cluster with ``ray``: an address or "local"); returns a
-    one-line account."""
+def sweep_part(name: str, size: dict, out: Path, deadline: float | None, ray: str | None = None,
+               zeusd: str | None = None) -> str:
+    """Run one sweep part into ``out/name`` (on a Ray cluster with ``ray``: an address or "local"; metering the
+    engine's GPUs through ``zeusd``, the URL of its node's daemon); returns a one-line account."""
     knobs, settings = size[name]
     across = {"backend": ["vllm", "parrot"]} if name == "systems" and os.environ.get("PARROT_SRC") else {}
     engine = {"model": size["model"], **size["engine"], **PART_ENGINE.get(name, {})}
     repeats = PART_REPEATS.get(name, size["repeats"])
     spec = SweepSpec(workloads=PART_WORKLOADS[name], knobs=knobs, repeats=repeats, across=across,
                      fixed={"settings": {"model": size["model"], **settings}, "engine": engine})
-    runner = EngineTrialRunner(engine)
+    runner = EngineTrialRunner(engine, zeusd=zeusd)
     executor = None
     if ray is not None:
         from chains.harness.ray_executor import RayExecutor
         from chains.harness.sweep_cli import engine_runner_maker
 
-        executor = RayExecutor(engine_runner_maker(engine, None, None, None), address=None if ray == "local" else ray)
+        executor = RayExecutor(engine_runner_maker(engine, None, None, zeusd), address=None if ray == "local" else ray)
     outcome = run_sweep(spec, ResultStore(out / name), runner, defaults=runner.defaults(),
                         power_cap=PowerCap(dry_run=True), deadline=deadline, executor=executor)
     note = "" if across else " (vLLM only: set PARROT_SRC to add Parrot)" if name == "systems" else ""
@@ -161,12 +162,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="start no trial after this many seconds, nor an engine that cannot fit one; rerun to resume")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run each sweep part's configurations in parallel on a Ray cluster (no address: a local Ray)")
+    p.add_argument("--zeusd", default=None, metavar="URL",
+                   help="meter the engine's GPUs through the zeusd of its node (e.g. http://127.0.0.1:4938: with "
+                   "--ray, each worker's own node)")
     args = p.parse_args(argv)
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = sorted(set(parts) - set(PARTS) - set(OPT_IN_PARTS))
     if unknown:
         print(f"error: unknown part(s) {unknown}; choose from {', '.join(PARTS + OPT_IN_PARTS)}", file=sys.stderr)
         return 2
+    if args.zeusd is not None:
+        try:
+            zeusd_node(args.zeusd)
+        except EnergyError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     size, out = SIZES[args.size], Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.time_budget if args.time_budget else None
@@ -184,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif part == "overhead":
                 line = overhead_part(size, out)
             else:
-                line = sweep_part(part, size, out, deadline, args.ray)
+                line = sweep_part(part, size, out, deadline, args.ray, args.zeusd)
             print(line, flush=True)
             lines.append(line)
         lines.append(roofline_part(out, SEARCH_PARTS))

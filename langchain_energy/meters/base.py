@@ -178,8 +178,27 @@ class MonotonicGuard:
     def apply(self, reading: Reading) -> Reading:
         """The reading with every component made non-decreasing with respect to the previous ones."""
         with self._lock:
-            energy = {k: self._one(k, float(v), reading.t) for k, v in reading.energy_j.items()}
+            energy = self._forward(reading.energy_j)
+            if energy is None:
+                energy = {k: self._one(k, float(v), reading.t) for k, v in reading.energy_j.items()}
         return Reading(t=reading.t, energy_j=energy, gpu_util=reading.gpu_util, gpu_power_w=reading.gpu_power_w)
+
+    def _forward(self, raw: Mapping[str, float]) -> dict[str, float] | None:
+        """The common case in one pass (it runs at every call's end): every counter known, finite and not below
+        its last value, none in a backwards run. None when any of that fails (`_one` then judges each)."""
+        if self._low_since or len(raw) != len(self._last_out):
+            return None
+        last_in, offset, last_out = self._last_in, self._offset, self._last_out
+        out: dict[str, float] = {}
+        for k, v in raw.items():
+            previous = last_in.get(k)
+            if previous is None or not previous <= v < math.inf:
+                return None
+            out[k] = max(v + offset[k], last_out[k])
+        for k, v in raw.items():
+            last_in[k] = float(v)
+        last_out.update(out)
+        return out
 
     def _one(self, key: str, raw: float, t: float) -> float:
         if key not in self._last_out:

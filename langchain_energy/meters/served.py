@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterable
 
 _lock = threading.Lock()
-_served: set[int] = set()
+_served: frozenset[int] | None = None  # replaced whole under the lock, read without it (every call's edge reads it)
 
 
 def serve_on_gpus(indices: Iterable[int]) -> None:
@@ -25,20 +25,21 @@ def serve_on_gpus(indices: Iterable[int]) -> None:
         True
         >>> forget_served_gpus()
     """
+    global _served
     with _lock:
-        _served.update(int(i) for i in indices)
+        _served = frozenset((_served or frozenset()) | {int(i) for i in indices}) or None
 
 
 def served_gpus() -> frozenset[int] | None:
     """The registered GPUs, or None when no engine registered any (then every metered GPU is attributed)."""
-    with _lock:
-        return frozenset(_served) if _served else None
+    return _served
 
 
 def forget_served_gpus() -> None:
     """Clear the registry (tests, or a process that moves to other engines)."""
+    global _served
     with _lock:
-        _served.clear()
+        _served = None
 
 
 def is_attributed(component: str, served: frozenset[int] | None) -> bool:

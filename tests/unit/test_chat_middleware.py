@@ -199,3 +199,18 @@ def test_a_run_on_a_thread_keeps_one_summary_over_its_model_calls():
     # Each run: a model call, the tool, a model call; its summary holds both calls and nothing of the other run.
     assert [r["model_calls"] for r in runs] == [2, 2]
     assert [r["energy_j"] for r in runs] == [pytest.approx(200.0)] * 2
+
+
+def test_the_middlewares_own_handler_keeps_no_record_of_the_calls_it_has_counted():
+    """A long-lived agent makes calls without end: once a call's joules are in its run's summary, the handler
+    the middleware made for itself forgets it (a handler given by the user keeps its table)."""
+    middleware = EnergyBudgetMiddleware(budget_j=1e9)
+    model = ScriptedChat(tool_rounds=1)  # two model calls per run, no energy on the message: the ledger's split
+    agent = create_agent(model, tools=[noop], middleware=[middleware])
+    ledger = middleware.handler.ledger  # (the process's shared one: other handlers may hold runs in it)
+    held_before = len(ledger._cum)  # (the ledger's per-run tables)
+    summaries = [agent.invoke({"messages": [("user", f"go {i}")]})["energy"] for i in range(40)]
+    assert [s["model_calls"] for s in summaries] == [2] * 40 and all(s["energy_j"] > 0 for s in summaries)
+    ledger.fold()
+    assert middleware.handler.runs == []
+    assert len(ledger._cum) - held_before < 10  # what is folded and forgotten is dropped

@@ -78,6 +78,11 @@ def replay(events, weighting, fold_at_samples=False):
 
 @settings(max_examples=200, deadline=None)
 @given(histories(), st.sampled_from(["equal", "tokens"]), st.booleans(), st.booleans())
+# A chain (r2) whose parent call (r1) ended and was folded away still yields to its grandparent (r0).
+@example([("start", 1.0, "r0", None, "chain", (0, 0)), ("sample", 2.0, 0.0), ("start", 4.0, "r1", "r0", "llm", (0, 0)),
+          ("sample", 5.0, 0.0), ("start", 10.0, "r2", "r1", "chain", (0, 0)), ("sample", 11.0, 0.0),
+          ("end", 13.0, "r1"), ("sample", 14.0, 0.0), ("end", 14.6, "r0"), ("end", 14.7, "r2"), ("sample", 14.8, 7.0)],
+         "equal", True, False)
 def test_folding_in_pieces_equals_attributing_the_whole_history(events, weighting, in_pieces, folded_at_end):
     ledger, recs, times, cum = replay(events, weighting, fold_at_samples=in_pieces)
     if folded_at_end:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from langchain_energy.meters import CompositeMeter, ManualClock, MonotonicGuard, MonotonicMeter, Reading, ZeusMeter
 from langchain_energy.meters.base import default_clock
@@ -138,6 +141,28 @@ def test_guard_corrects_only_drops_that_look_like_a_wrap():
            for i, v in enumerate([900.0, 990.0, 20.0, 60.0, 55.0, 70.0])]
     # 990 -> 20 is a wrap (+1000); 60 -> 55 is a 5 J glitch, far less than half the range: held, not +1000
     assert out == [900.0, 990.0, 1020.0, 1060.0, 1060.0, 1070.0]
+
+
+_counter_value = st.one_of(st.floats(0.0, 2000.0), st.just(float("nan")), st.just(float("inf")))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.0, 3.0), st.dictionaries(st.sampled_from(["cpu", "dram", "gpu:0"]),
+                                                               _counter_value, min_size=1)),
+                min_size=1, max_size=30))
+def test_the_guards_one_pass_for_readings_that_move_forward_agrees_with_judging_each_counter(readings):
+    """`apply` takes a shortcut when every counter moved forward; wraps, glitches, resets, unreadable and missing
+    counters must come out exactly as when each counter is judged on its own."""
+    fast = MonotonicGuard(ranges_j={"cpu": 1000.0}, reset_after_s=2.0)
+    judged = MonotonicGuard(ranges_j={"cpu": 1000.0}, reset_after_s=2.0)
+    judged._forward = lambda raw: None  # type: ignore[method-assign]
+    t = 0.0
+    for dt, energy in readings:
+        t += dt
+        got = fast.apply(Reading(t=t, energy_j=energy)).energy_j
+        want = judged.apply(Reading(t=t, energy_j=energy)).energy_j
+        assert got.keys() == want.keys()
+        assert all(got[k] == want[k] or (math.isnan(got[k]) and math.isnan(want[k])) for k in got), (got, want)
 
 
 def test_composite_guards_every_member_meter():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 
+import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.image import imread
@@ -201,3 +203,16 @@ def test_a_power_cap_that_was_not_applied_says_so_on_the_axis_and_in_the_table(s
     assert not any("Batch size" in lab and "NOT applied" in lab for lab in labels)
     assert plot_main([str(store.path), "--out", str(store.path / "f")]) == 0
     assert "power_cap_mode" in capsys.readouterr().out
+
+
+def test_the_utilization_curve_has_no_holes_where_an_edge_sample_carries_no_utilization():
+    """Samples taken at a call's edges carry no CPU utilization (NaN), nor does a run's first sample: the curve is
+    drawn through the samples that do, not broken (or averaged over nothing) around them."""
+    t = [0.0, 0.5, 1.0, 1.2, 2.0, 3.0]
+    trial = pd.DataFrame({"key": "k1", "backend": "vllm", "t": t,
+                          "cpu_util": [np.nan, 40.0, np.nan, np.nan, 60.0, 80.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" among them
+        fig = plots.fig_utilization(trial)
+    (line,) = fig.axes[0].get_lines()
+    assert np.isfinite(line.get_ydata()).all()

@@ -60,3 +60,12 @@ def test_run_refuses_a_zeusd_that_is_not_a_url(capsys):
     status = main(["search", "--zeusd", "node1:4938", "--base-url", "http://127.0.0.1:9/v1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and "--zeusd" in err[0]
+
+
+def test_study_takes_zeusd_and_refuses_one_that_is_not_a_url(tmp_path, capsys):
+    from chains.study import main
+
+    status = main(["--out", str(tmp_path / "s"), "--size", "rehearse", "--parts", "search-batch",
+                   "--zeusd", "node1:4938"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "--zeusd" in err[0] and "http" in err[0]
