@@ -398,17 +398,17 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         known = self._final_calls.get(rec.run_id)
         if known is not None:
             return {**known, "provenance": dict(known["provenance"])}
-        view = self.ledger.view(self.weighting, runs=[rec.run_id])
-        received = view.received.get(rec.run_id)
-        if received is None:
+        split = self.ledger.call_split(self.weighting, rec.run_id)
+        if split is None:
             return None
+        received, final = split
         cols = self.timeline.attributed_columns()
         out: dict[str, Any] = cols.columns(received.energy)
         if received.prefill is not None:
             out["prefill_energy_j"] = cols.total(received.prefill)
             out["decode_energy_j"] = cols.total(received.decode or {})
         out["provenance"] = dict(cols.groups)
-        out["final"] = rec.run_id in view.final
+        out["final"] = final
         if out["final"]:
             self._final_calls[rec.run_id] = {**out, "provenance": dict(out["provenance"])}
         return out

@@ -510,10 +510,6 @@ class Ledger:
         """
         with self._lock:
             wanted = None if runs is None else list(runs)
-            if t is None and wanted is not None and len(wanted) == 1:
-                alone = self._lone_call_view(weighting, wanted[0])
-                if alone is not None:
-                    return alone
             folded = self._received[weighting]
             wanted = list(folded) if wanted is None else [r for r in wanted if r in folded]
             received = {rid: folded[rid].copy() for rid in wanted}
@@ -559,10 +555,21 @@ class Ledger:
             final = {rid for rid in wanted if rid not in self._live or self._is_final(self._live[rid], weighting)}
             return LedgerView(received=received, cumulative=cumulative, t=t_cut, final=final, outside=outside)
 
-    def _lone_call_view(self, weighting: Weighting, run_id: Hashable) -> LedgerView | None:
-        """The view of one ended call that overlapped no other call, in closed form: every joule between its edge
-        marks is its own (what the split gives it, at a cost that does not grow with what else is live). None
-        when that does not apply."""
+    def call_split(self, weighting: Weighting, run_id: Hashable) -> tuple[Received, bool] | None:
+        """One call's joules up to the newest sample, and whether they are final: what a handler puts on the
+        call's message at its end. None for a run the ledger does not hold."""
+        with self._lock:
+            alone = self._lone_call_received(run_id)
+            if alone is not None:
+                return alone, True
+            view = self.view(weighting, runs=[run_id])
+            received = view.received.get(run_id)
+            return None if received is None else (received, run_id in view.final)
+
+    def _lone_call_received(self, run_id: Hashable) -> Received | None:
+        """What an ended call that overlapped no other call received, in closed form: every joule between its
+        edge marks is its own (what the split gives it under any weighting, at a cost that does not grow with
+        what else is live). None when that does not apply."""
         rec = self._calls.get(run_id)
         if rec is None or rec.t_end is None or run_id in self._crowded or self._folded_to is None \
                 or self._folded_to > rec.t_start:
@@ -571,9 +578,7 @@ class Ledger:
         if marks is None or marks[0] is None or marks[1] is None:  # (fixed once a sample covers the edge)
             return None
         # Nothing of it is folded yet (the fold has not reached its start): its split is all it has received.
-        received = Received(*self._lone_split(rec), share_s=rec.t_end - rec.t_start)
-        return LedgerView(received={run_id: received}, cumulative={run_id: (marks[0], marks[1])}, t=self._t[-1],
-                          final={run_id}, outside=dict(self.outside_j))
+        return Received(*self._lone_split(rec), share_s=rec.t_end - rec.t_start)
 
     def _is_final(self, rec: RunRecord, weighting: str) -> bool:
         """A run's split is final once it has ended, a sample covers its end, and every call that overlapped

@@ -173,7 +173,13 @@ class Timeline:
 
     def _run(self) -> None:
         # Event.wait paces the loop and wakes immediately on stop, so stop never waits a full interval.
+        measure = getattr(self.meter, "measure_utilization", None)  # (estimates: see `EstimatedMeter.read`)
         while not self._stop.wait(self.interval_s):
+            if measure is not None:
+                try:
+                    measure()
+                except Exception as exc:  # like a failed read: counted, never fatal to the sampler
+                    self._read_failed(exc)
             self.sample_now()
 
     # -- sampling ----------------------------------------------------------------------------------------
@@ -187,10 +193,7 @@ class Timeline:
         try:
             r = self.meter.read()
         except Exception as exc:  # a failing meter must not kill the sampler or the user's chain
-            self.errors += 1
-            self.last_error = repr(exc)
-            if self.errors == 1:
-                logger.warning("energy meter read failed (further failures counted silently): %s", exc)
+            self._read_failed(exc)
             return
         with self._data_lock:
             if self._t and r.t < self._t[-1]:
@@ -220,6 +223,12 @@ class Timeline:
                     self._util[i] = [float("nan")] * (n - 1) + [float(u)]
             if n > self.max_samples:
                 self._thin()
+
+    def _read_failed(self, exc: Exception) -> None:
+        self.errors += 1
+        self.last_error = repr(exc)
+        if self.errors == 1:
+            logger.warning("energy meter read failed (further failures counted silently): %s", exc)
 
     def _shared(self) -> _Shared:
         served = served_gpus()

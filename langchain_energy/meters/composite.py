@@ -100,6 +100,13 @@ class CompositeMeter:
             if callable(fn):
                 fn(*pids)
 
+    def measure_utilization(self) -> None:
+        """Let every member that estimates from utilization measure it now (a sampler's tick)."""
+        for meter in self.meters:
+            fn = getattr(meter, "measure_utilization", None)
+            if callable(fn):
+                fn()
+
     def idle_power_w(self) -> dict[str, float] | None:
         """Idle watts per component where every owning meter knows its own (estimates do)."""
         out: dict[str, float] = {}

@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 _GIB = 1024**3
 
+#: With a sampler measuring utilization, how old a measurement must be before a read measures for itself: reading
+#: CPU times (and, once a second, searching the process tree) at a call's edge slows the caller's own thread.
+_SAMPLER_BEHIND_S = 0.5
+
 CpuScope = Literal["process-tree", "machine"]
 CPU_SCOPES: tuple[str, ...] = ("process-tree", "machine")
 
@@ -323,8 +327,8 @@ class EstimatedMeter:
         self._tree = (ProcessTreeCPU(process_tree_roots, rescan_s=rescan_s)
                       if scope == "process-tree" and "cpu" in self._components else None)
         # CPU times step once per clock tick (10 ms on Linux), so utilization needs a window of several ticks;
-        # a reading sooner carries the last measured one on and reads no CPU times. With the timeline's 0.1 s
-        # sampler most windows close on the sampler's thread, and a call's edges read no files.
+        # a reading sooner carries the last measured one on and reads no CPU times. A timeline's sampler measures
+        # at its ticks (`measure_utilization`), so a call's edges read no files.
         tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
         if not utilization_window_s >= tick_s:
             raise ConfigError(f"utilization_window_s must be at least one clock tick ({tick_s} s), "
@@ -335,6 +339,7 @@ class EstimatedMeter:
         self._last_cpu = self._busy_and_total()
         self._energy = {c: 0.0 for c in self._components}
         self._last_util = 0.0
+        self._sampled = False  # whether a sampler measures utilization (`measure_utilization`)
 
     def _busy_and_total(self) -> tuple[float, float]:
         """Cumulative busy CPU seconds of the scope and total CPU seconds of the machine (all CPUs)."""
@@ -375,23 +380,37 @@ class EstimatedMeter:
             return self._last_cpu[0] if self._tree is not None else 0.0
 
     def read(self) -> Reading:
-        """Integrate the model's power since the previous reading and return the cumulative joules."""
+        """Integrate the model's power since the previous reading and return the cumulative joules.
+
+        Utilization is measured anew once a window has passed; with a sampler calling `measure_utilization`,
+        only when it has fallen behind by `_SAMPLER_BEHIND_S` (a call's edge then reads no CPU times)."""
         with self._lock:
             t = self.clock()
-            if t - self._last_cpu_t >= self.resolution_s:
-                cpu = self._busy_and_total()
-                util = busy_fraction(self._last_cpu, cpu)
-                if util is not None:
-                    self._last_util = util
-                self._last_cpu, self._last_cpu_t = cpu, t
-            dt = max(t - self._last_t, 0.0)
-            if "cpu" in self._energy:
-                idle = self.model.idle_fraction
-                self._energy["cpu"] += dt * self._tdp_w * (idle + (1.0 - idle) * self._last_util)
-            if "dram" in self._energy:
-                self._energy["dram"] += dt * self._dram_w
-            self._last_t = t
+            self._advance(t, max(self.resolution_s, _SAMPLER_BEHIND_S) if self._sampled else self.resolution_s)
             return Reading(t=t, energy_j=dict(self._energy))
+
+    def measure_utilization(self) -> None:
+        """Measure utilization now if a window has passed (a timeline's sampler calls this at each tick)."""
+        with self._lock:
+            self._sampled = True
+            self._advance(self.clock(), self.resolution_s)
+
+    def _advance(self, t: float, measure_after_s: float) -> None:
+        """Measure utilization if the last measurement is `measure_after_s` old, then integrate up to `t` (the
+        new measurement covers the interval since the previous one, this read's interval included)."""
+        if t - self._last_cpu_t >= measure_after_s:
+            cpu = self._busy_and_total()
+            util = busy_fraction(self._last_cpu, cpu)
+            if util is not None:
+                self._last_util = util
+            self._last_cpu, self._last_cpu_t = cpu, t
+        dt = max(t - self._last_t, 0.0)
+        if "cpu" in self._energy:
+            idle = self.model.idle_fraction
+            self._energy["cpu"] += dt * self._tdp_w * (idle + (1.0 - idle) * self._last_util)
+        if "dram" in self._energy:
+            self._energy["dram"] += dt * self._dram_w
+        self._last_t = t
 
     @property
     def last_utilization(self) -> float:

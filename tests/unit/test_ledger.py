@@ -168,6 +168,16 @@ def test_one_runs_view_is_its_share_in_the_whole_view(events, weighting, cut):
             assert one.received[rid].prefill["gpu:0"] == pytest.approx(whole.received[rid].prefill["gpu:0"],
                                                                        rel=1e-9, abs=1e-6)
         assert one.cumulative.get(rid) == whole.cumulative.get(rid)
+        split = ledger.call_split(weighting, rid) if recs[rid].is_call else None  # (a call's, at its end)
+        if split is not None:
+            received, final = split
+            assert received.energy["gpu:0"] == pytest.approx(whole.received[rid].energy["gpu:0"], rel=1e-9, abs=1e-6)
+            assert received.share_s == pytest.approx(whole.received[rid].share_s, rel=1e-9, abs=1e-9)
+            assert final == (rid in whole.final)
+            assert (received.prefill is None) == (whole.received[rid].prefill is None)
+            if received.prefill is not None:
+                assert received.prefill["gpu:0"] == pytest.approx(whole.received[rid].prefill["gpu:0"], rel=1e-9,
+                                                                  abs=1e-6)
 
 
 def test_a_call_recorded_late_still_shares_the_time_of_an_ended_call_it_overlapped():
@@ -185,6 +195,8 @@ def test_a_call_recorded_late_still_shares_the_time_of_an_ended_call_it_overlapp
             ledger.close_run("b", 5.0)
     assert ledger.view("equal", runs=["a"]).received["a"].energy["gpu:0"] == pytest.approx(100.0 + 50.0)
     assert ledger.view("equal", runs=["b"]).received["b"].energy["gpu:0"] == pytest.approx(50.0 + 200.0)
+    assert [ledger.call_split("equal", rid)[0].energy["gpu:0"] for rid in "ab"] == [pytest.approx(150.0),
+                                                                                   pytest.approx(250.0)]
 
 
 def test_a_view_for_one_ended_call_splits_only_the_time_it_ran(monkeypatch):

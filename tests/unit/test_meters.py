@@ -19,6 +19,7 @@ from langchain_energy.meters import (
     ZeusMeter,
     auto_meter,
 )
+from langchain_energy.timeline import Timeline
 
 
 class SimulatedZeusGPUs:
@@ -260,3 +261,49 @@ def test_composite_takes_each_component_from_its_first_owner():
     assert dict(m.read().energy_j) == {"cpu": 1.0, "dram": 2.0}
     assert m.components() == {"cpu": "measured:rapl", "dram": "estimated:replay"}
     assert m.idle_power_w() is None  # replay meters have no idle model
+
+
+def test_with_a_sampler_measuring_utilization_a_calls_edge_reads_no_cpu_times(monkeypatch):
+    """A timeline's sampler measures utilization at each tick (`measure_utilization`); reads in between (a call's
+    edges) carry it on and read no CPU times, unless the sampler has fallen far behind."""
+    import langchain_energy.meters.estimated as estimated
+
+    busy = {"reads": 0, "busy": 0.0, "total": 0.0}
+
+    def machine_times() -> tuple[float, float]:
+        busy["reads"] += 1
+        return busy["busy"], busy["total"]
+
+    monkeypatch.setattr(estimated, "cpu_busy_and_total", machine_times)
+    clock = ManualClock(0.0)
+    meter = EstimatedMeter(PowerModel(cpu_tdp_w=100.0, idle_fraction=0.0, dram_gib=0.0), scope="machine", clock=clock,
+                           utilization_window_s=0.05)
+    clock.advance(0.1)
+    busy["busy"], busy["total"] = 0.05, 0.1
+    meter.measure_utilization()  # the sampler's tick: half busy
+    reads = busy["reads"]
+    clock.advance(0.2)  # four windows later, the sampler has not ticked again
+    busy["busy"], busy["total"] = 0.25, 0.3
+    assert meter.read().energy_j["cpu"] == pytest.approx(50.0 * 0.3)  # the measured half-busy carries on
+    assert busy["reads"] == reads
+    clock.advance(1.0)  # the sampler is far behind: the edge measures for itself
+    busy["busy"], busy["total"] = 1.25, 1.3
+    meter.read()
+    assert busy["reads"] == reads + 1
+    assert meter.last_utilization == pytest.approx(1.0)
+
+
+def test_the_timelines_sampler_measures_utilization_at_its_ticks():
+    measured = []
+
+    class Meter(ReplayMeter):
+        def measure_utilization(self) -> None:
+            measured.append(self.clock())
+
+    tl = Timeline(CompositeMeter([Meter({"cpu": [(0.0, 10.0)]})]), interval_s=0.05)
+    tl.acquire()
+    try:
+        time.sleep(0.4)
+    finally:
+        tl.release()
+    assert len(measured) >= 3
