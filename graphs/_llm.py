@@ -24,7 +24,9 @@ def _setting(configurable: dict[str, Any], key: str) -> str | None:
 
 
 def studio_llm(config: RunnableConfig | None = None) -> BaseLanguageModel:
-    """The `ServingLLM` for this run's config (see the module docstring for the resolution order)."""
+    """The model for this run's config (see the module docstring for the resolution order): the chat model, as
+    ``python -m chains.run`` uses (the workloads are chat-style), or Parrot's completion LLM for Parrot."""
+    from langchain_energy.chat_models import ChatServing
     from langchain_energy.llms import ServingLLM
 
     configurable = dict((config or {}).get("configurable") or {})
@@ -37,5 +39,5 @@ def studio_llm(config: RunnableConfig | None = None) -> BaseLanguageModel:
             kwargs: dict[str, Any] = {"backend": backend, "model": model}
             if backend != "vllm":
                 kwargs["base_url"] = base_url
-            _cache[key] = ServingLLM(**kwargs)
+            _cache[key] = ServingLLM(**kwargs) if backend == "parrot" else ChatServing(**kwargs)
         return _cache[key]
