@@ -58,6 +58,9 @@ class CompositeMeter:
         ranges = {k: r for idx, meter in enumerate(self.meters)
                   for k, r in counter_ranges(meter).items() if self._owner.get(k) == idx}
         self._guard = MonotonicGuard(ranges, name="CompositeMeter")
+        # Counters (NVML, RAPL, zeusd) can wrap, glitch or reset; estimates are integrated by this package's meters
+        # and never step back, so a composite of estimates alone skips the guard (a call's end reads it).
+        self._counters = any(p.startswith("measured:") for p in self._prov.values())
         steps = [r for m in self.meters if (r := getattr(m, "resolution_s", None))]
         self.resolution_s: float | None = max(steps) if steps else None  # the coarsest counter's step
         # One read at a time: a read that took its time before another but finished after it would otherwise
@@ -69,10 +72,12 @@ class CompositeMeter:
         return dict(self._prov)
 
     def read(self) -> Reading:
-        """Read every meter once and keep each component from its owner, never below its previous value."""
+        """Read every meter once and keep each component from its owner, never below its previous value (counters
+        through the guard; estimates never step back)."""
         with self._lock:
             if len(self.meters) == 1:  # (the usual machine: one member owns every component)
-                return self._guard.apply(self.meters[0].read())
+                r = self.meters[0].read()
+                return self._guard.apply(r) if self._counters else r
             t = self.clock()
             energy: dict[str, float] = {}
             util: dict[int, float] = {}
@@ -84,7 +89,8 @@ class CompositeMeter:
                         energy[key] = joules
                 util.update(r.gpu_util)
                 power.update(r.gpu_power_w)
-            return self._guard.apply(Reading(t=t, energy_j=energy, gpu_util=util, gpu_power_w=power))
+            reading = Reading(t=t, energy_j=energy, gpu_util=util, gpu_power_w=power)
+            return self._guard.apply(reading) if self._counters else reading
 
     def add_pids(self, *pids: int) -> None:
         """Register processes (and their descendants) with every member that estimates from a process tree.
