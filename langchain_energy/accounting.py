@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from langchain_energy.ledger import LedgerView, Received, RunRecord
-from langchain_energy.meters.base import COMPONENTS, UNAVAILABLE, component_group
+from langchain_energy.meters.base import COMPONENTS, UNAVAILABLE, component_group, is_measured
 
 _NAN = float("nan")
 
@@ -64,11 +64,6 @@ def group_provenance(provenance: Mapping[str, str]) -> dict[str, str]:
         parts = [f"{p}@{'+'.join(sorted(d))}" if d and "@" not in p else p for p, d in sorted(by_label.items())]
         out[g] = "+".join(parts) if parts else UNAVAILABLE
     return out
-
-
-def is_measured(label: str) -> bool:
-    """Whether a provenance label is a measurement (not an estimate, not unavailable)."""
-    return label.startswith("measured:")
 
 
 _GROUP_COLUMNS = {g: f"energy_{g}_j" for g in COMPONENTS}

@@ -626,12 +626,9 @@ class EnergyCallbackHandler(BaseCallbackHandler):
     def reset(self) -> None:
         """Forget recorded runs (the timeline keeps sampling)."""
         with self._lock:
-            ids = list(self._runs)
-            self._runs.clear()
-            self._final_calls.clear()
             self._frozen = None
-            self._cache = None
-        self.ledger.release(ids)
+            ids = list(self._runs)
+        self.forget(ids)
 
     def forget(self, run_ids: Iterable[Hashable]) -> None:
         """Forget these runs' records (their joules stay counted in the ledger's totals; a run still open is

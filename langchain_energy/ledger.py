@@ -509,9 +509,8 @@ class Ledger:
                 split, and `outside` then holds only what is folded.
         """
         with self._lock:
-            wanted = None if runs is None else list(runs)
             folded = self._received[weighting]
-            wanted = list(folded) if wanted is None else [r for r in wanted if r in folded]
+            wanted = list(folded) if runs is None else [r for r in runs if r in folded]
             received = {rid: folded[rid].copy() for rid in wanted}
             t_cut = t if t is not None else (self._t[-1] if self._t else 0.0)
             t0 = self._folded_to

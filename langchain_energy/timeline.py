@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from langchain_energy.accounting import EnergyColumns, is_measured
+from langchain_energy.accounting import EnergyColumns
 from langchain_energy.attribution import interpolate
 from langchain_energy.errors import ConfigError
 from langchain_energy.ledger import Ledger
-from langchain_energy.meters.base import Clock, Meter
+from langchain_energy.meters.base import Clock, Meter, is_measured
 from langchain_energy.meters.served import is_attributed, served_gpus
 from langchain_energy.meters.estimated import busy_fraction, cpu_busy_and_total
 

@@ -31,6 +31,16 @@ COMPONENTS: tuple[str, ...] = ("cpu", "gpu", "dram")
 UNAVAILABLE = "unavailable"
 
 
+def is_measured(label: str) -> bool:
+    """Whether a provenance label is a measurement (not an estimate, not unavailable).
+
+    Example:
+        >>> is_measured("measured:nvml"), is_measured("estimated:linear-tdp/machine")
+        (True, False)
+    """
+    return label.startswith("measured:")
+
+
 def component_group(key: str) -> str:
     """Map a meter component key to its record column group: ``"gpu:3"`` -> ``"gpu"``.
 

@@ -15,6 +15,7 @@ from langchain_energy.meters.base import (
     component_group,
     counter_ranges,
     default_clock,
+    is_measured,
 )
 from langchain_energy.meters.estimated import CpuScope, EstimatedMeter, PowerModel
 from langchain_energy.meters.zeus_meter import ZeusMeter
@@ -60,7 +61,7 @@ class CompositeMeter:
         self._guard = MonotonicGuard(ranges, name="CompositeMeter")
         # Counters (NVML, RAPL, zeusd) can wrap, glitch or reset; estimates are integrated by this package's meters
         # and never step back, so a composite of estimates alone skips the guard (a call's end reads it).
-        self._counters = any(p.startswith("measured:") for p in self._prov.values())
+        self._counters = any(is_measured(p) for p in self._prov.values())
         steps = [r for m in self.meters if (r := getattr(m, "resolution_s", None))]
         self.resolution_s: float | None = max(steps) if steps else None  # the coarsest counter's step
         # One read at a time: a read that took its time before another but finished after it would otherwise
@@ -101,17 +102,18 @@ class CompositeMeter:
         Raises:
             ConfigError: a PID names no running process.
         """
-        for meter in self.meters:
-            fn = getattr(meter, "add_pids", None)
-            if callable(fn):
-                fn(*pids)
+        self._on_members("add_pids", *pids)
 
     def measure_utilization(self) -> None:
         """Let every member that estimates from utilization measure it now (a sampler's tick)."""
+        self._on_members("measure_utilization")
+
+    def _on_members(self, method: str, *args: object) -> None:
+        """Call `method` on every member that has it (the others are unaffected)."""
         for meter in self.meters:
-            fn = getattr(meter, "measure_utilization", None)
+            fn = getattr(meter, method, None)
             if callable(fn):
-                fn()
+                fn(*args)
 
     def idle_power_w(self) -> dict[str, float] | None:
         """Idle watts per component where every owning meter knows its own (estimates do)."""

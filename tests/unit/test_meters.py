@@ -141,30 +141,44 @@ def test_estimated_meter_stays_within_its_models_bounds():
     assert meter.describe()["estimated"]["cpu_tdp_w"] == 100.0
 
 
-def test_estimated_meter_reads_cpu_times_at_most_once_per_utilization_window(monkeypatch):
+class ScriptedCpuTimes:
+    """Test double of the machine's cumulative CPU times (`cpu_busy_and_total`): set `busy` and `total`; counts
+    the reads."""
+
+    def __init__(self) -> None:
+        self.reads, self.busy, self.total = 0, 0.0, 0.0
+
+    def __call__(self) -> tuple[float, float]:
+        self.reads += 1
+        return self.busy, self.total
+
+
+def _estimate_on_scripted_cpu(monkeypatch) -> tuple[EstimatedMeter, ManualClock, ScriptedCpuTimes]:
+    """A 100 W CPU estimate (no idle draw, no DRAM) with a 50 ms utilization window, on a manual clock and
+    scripted CPU times."""
     import langchain_energy.meters.estimated as estimated
 
-    busy = {"reads": 0, "busy": 0.0, "total": 0.0}
-
-    def machine_times() -> tuple[float, float]:  # a machine whose one CPU runs half busy
-        busy["reads"] += 1
-        return busy["busy"], busy["total"]
-
-    monkeypatch.setattr(estimated, "cpu_busy_and_total", machine_times)
+    times = ScriptedCpuTimes()
+    monkeypatch.setattr(estimated, "cpu_busy_and_total", times)
     clock = ManualClock(0.0)
     meter = EstimatedMeter(PowerModel(cpu_tdp_w=100.0, idle_fraction=0.0, dram_gib=0.0), scope="machine", clock=clock,
                            utilization_window_s=0.05)
+    return meter, clock, times
+
+
+def test_estimated_meter_reads_cpu_times_at_most_once_per_utilization_window(monkeypatch):
+    meter, clock, busy = _estimate_on_scripted_cpu(monkeypatch)  # a machine whose one CPU runs half busy
     assert meter.resolution_s == 0.05
     clock.advance(1.0)
-    busy["busy"], busy["total"] = 0.5, 1.0
-    reads = busy["reads"]
+    busy.busy, busy.total = 0.5, 1.0
+    reads = busy.reads
     assert meter.read().energy_j["cpu"] == pytest.approx(50.0)
     clock.advance(meter.resolution_s / 4)  # within the window: the last utilization carries on
     assert meter.read().energy_j["cpu"] == pytest.approx(50.0 + 50.0 * meter.resolution_s / 4)
-    assert busy["reads"] == reads + 1
+    assert busy.reads == reads + 1
     clock.advance(meter.resolution_s)
     meter.read()
-    assert busy["reads"] == reads + 2
+    assert busy.reads == reads + 2
     with pytest.raises(ConfigError, match="at least one clock tick"):
         EstimatedMeter(utilization_window_s=0.0)
 
@@ -266,30 +280,19 @@ def test_composite_takes_each_component_from_its_first_owner():
 def test_with_a_sampler_measuring_utilization_a_calls_edge_reads_no_cpu_times(monkeypatch):
     """A timeline's sampler measures utilization at each tick (`measure_utilization`); reads in between (a call's
     edges) carry it on and read no CPU times, unless the sampler has fallen far behind."""
-    import langchain_energy.meters.estimated as estimated
-
-    busy = {"reads": 0, "busy": 0.0, "total": 0.0}
-
-    def machine_times() -> tuple[float, float]:
-        busy["reads"] += 1
-        return busy["busy"], busy["total"]
-
-    monkeypatch.setattr(estimated, "cpu_busy_and_total", machine_times)
-    clock = ManualClock(0.0)
-    meter = EstimatedMeter(PowerModel(cpu_tdp_w=100.0, idle_fraction=0.0, dram_gib=0.0), scope="machine", clock=clock,
-                           utilization_window_s=0.05)
+    meter, clock, busy = _estimate_on_scripted_cpu(monkeypatch)
     clock.advance(0.1)
-    busy["busy"], busy["total"] = 0.05, 0.1
+    busy.busy, busy.total = 0.05, 0.1
     meter.measure_utilization()  # the sampler's tick: half busy
-    reads = busy["reads"]
+    reads = busy.reads
     clock.advance(0.2)  # four windows later, the sampler has not ticked again
-    busy["busy"], busy["total"] = 0.25, 0.3
+    busy.busy, busy.total = 0.25, 0.3
     assert meter.read().energy_j["cpu"] == pytest.approx(50.0 * 0.3)  # the measured half-busy carries on
-    assert busy["reads"] == reads
+    assert busy.reads == reads
     clock.advance(1.0)  # the sampler is far behind: the edge measures for itself
-    busy["busy"], busy["total"] = 1.25, 1.3
+    busy.busy, busy.total = 1.25, 1.3
     meter.read()
-    assert busy["reads"] == reads + 1
+    assert busy.reads == reads + 1
     assert meter.last_utilization == pytest.approx(1.0)
 
 
