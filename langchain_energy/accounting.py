@@ -79,11 +79,17 @@ class EnergyColumns:
         self.groups = group_provenance(self.provenance)
         self.gpus = sorted(k for k in self.provenance if component_group(k) == "gpu")
         self.measured = [k for k, p in self.provenance.items() if is_measured(p)]
-        self._group_of = {k: component_group(k) for k in self.provenance}  # (this runs for every call's record)
+        self._group_of = {k: component_group(k) for k in self.provenance}
         self._gpu_columns = [(k, f"energy_gpu{k.split(':', 1)[1]}_j") for k in self.gpus]
+        # Each group's component keys (None where the meter does not report the group): this runs for every call.
+        self._keys_of = [(g, None if self.groups[g] == UNAVAILABLE
+                          else [k for k, kg in self._group_of.items() if kg == g]) for g in COMPONENTS]
 
     def _by_group(self, energy: Mapping[str, float]) -> dict[str, float]:
         """Joules per available group (NaN for a group the meter does not report)."""
+        if energy.keys() <= self._group_of.keys():  # (the usual case: the components this provenance names)
+            return {g: _NAN if keys is None else math.fsum([energy.get(k, 0.0) for k in keys])
+                    for g, keys in self._keys_of}
         by_group: dict[str, list[float]] = {g: [] for g in COMPONENTS}
         for k, v in energy.items():
             g = self._group_of.get(k) or component_group(k)
@@ -98,11 +104,14 @@ class EnergyColumns:
 
     def columns(self, energy: Mapping[str, float]) -> dict[str, float]:
         """``energy_j``, per group, ``energy_measured_j`` and per GPU (``energy_gpu0_j``, ...)."""
-        by_group = self._by_group(energy)
-        out: dict[str, float] = {_GROUP_COLUMNS[g]: j for g, j in by_group.items()}
-        known = [v for v in by_group.values() if not math.isnan(v)]
+        out: dict[str, float] = {}
+        known = []
+        for g, j in self._by_group(energy).items():
+            out[_GROUP_COLUMNS[g]] = j
+            if j == j:  # (not NaN)
+                known.append(j)
         out["energy_j"] = math.fsum(known) if known else _NAN
-        out["energy_measured_j"] = math.fsum(energy.get(k, 0.0) for k in self.measured) if self.measured else _NAN
+        out["energy_measured_j"] = math.fsum([energy.get(k, 0.0) for k in self.measured]) if self.measured else _NAN
         for k, column in self._gpu_columns:
             out[column] = energy.get(k, 0.0)
         return out

@@ -7,8 +7,10 @@ the process, whichever handler recorded it. Tables are built by `langchain_energ
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -22,7 +24,6 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage, get_buffer_string
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.tracers.context import register_configure_hook
-from langchain_core.utils.uuid import uuid7
 
 from langchain_energy.accounting import (
     RUN_COLUMNS,
@@ -54,6 +55,12 @@ _EDGE_FRESH_S = 0.002
 
 #: Integer token fields accepted from a response's accounting.
 _TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens")
+
+# Run ids of the calls recorded outside LangChain's callbacks (`start_call`): text, unique across processes (a
+# random tag) and within one (a counter). Text rather than a UUID object: the record is looked up a few dozen
+# times per call, and a string hashes once where a UUID hashes in Python at every lookup.
+_CALL_TAG = f"call-{os.urandom(4).hex()}-"
+_call_numbers = itertools.count(1)
 
 
 class _Lease:
@@ -319,12 +326,10 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         return key
 
     def _finish(self, run_id: UUID, status: str, error: BaseException | None = None,
-                response: LLMResult | None = None, parent_run_id: UUID | None = None,
-                answers: Sequence[AIMessage] = ()) -> None:
-        """Record a run's end. A call reported by LangChain brings its `response`; one recorded outside the
-        callbacks (`end_call`) brings its AI messages, `answers`."""
+                response: LLMResult | None = None, parent_run_id: UUID | None = None) -> None:
+        """Record the end of a run reported by LangChain (a call brings its `response`)."""
         if self._also is not None:
-            self._also._finish(run_id, status, error, response, parent_run_id, answers)
+            self._also._finish(run_id, status, error, response, parent_run_id)
         t = self._clock()
         with self._lock:
             rec = self._runs.get(run_id)
@@ -332,9 +337,19 @@ class EnergyCallbackHandler(BaseCallbackHandler):
             if response is None:
                 return
             rec = self._end_only_call(run_id, parent_run_id, t, response)
+        self._close(rec, t, status, error, response)
+
+    def _close(self, rec: RunRecord, t: float, status: str, error: BaseException | None = None,
+               response: LLMResult | None = None, answers: Sequence[AIMessage] = ()) -> dict[str, Any] | None:
+        """Record a run's end at `t`. A call reported by LangChain brings its `response`; one recorded outside the
+        callbacks (`end_call`) brings its AI messages, `answers`.
+
+        Returns:
+            The joules put on the answers (this package's models), else None.
+        """
         with self.ledger.lock:
             if rec.t_end is not None:
-                return  # another handler already recorded this run's end
+                return None  # another handler already recorded this run's end
             rec.t_end = t
             rec.status = status
             if error is not None:
@@ -344,20 +359,23 @@ class EnergyCallbackHandler(BaseCallbackHandler):
             elif answers:
                 self._read_answers(rec, answers)
             rec.prompt_text = None
-        if rec.is_call:
-            self.timeline.sample_covering(rec.t_end)  # the split is final, and on the response, at the call's end
+        is_call = rec.is_call
+        if is_call:
+            self.timeline.sample_covering(t)  # the split is final, and on the response, at the call's end
         elif rec.root_run_id == rec.run_id:
             self._sample_edge()
         self.ledger.changed()
-        if response is not None and rec.is_call:
+        if response is not None and is_call:
             if rec.batch_key is None:
                 self._put_energy_on(response, rec)
             else:
                 self._put_energy_on_batch(response, rec)
-        elif answers and rec.is_call and any("latency_s" in m.response_metadata for m in answers):
+        elif answers and is_call and any("latency_s" in m.response_metadata for m in answers):
             energy = self._final_energy(rec)  # (this package's models: see `_put_energy_on`)
             for m in answers if energy is not None else ():
                 m.response_metadata["energy"] = energy
+            return energy
+        return None
 
     def _put_energy_on_batch(self, response: LLMResult, rec: RunRecord) -> None:
         # A batch's calls end (by their own edges) before LangChain reports the last of them: their split is
@@ -409,7 +427,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
             out["decode_energy_j"] = cols.total(received.decode or {})
         out["provenance"] = dict(cols.groups)
         out["final"] = final
-        if out["final"]:
+        if out["final"] and rec.run_id in self._runs:  # (kept in the table: `energy_of` may ask again)
             self._final_calls[rec.run_id] = {**out, "provenance": dict(out["provenance"])}
         return out
 
@@ -517,23 +535,51 @@ class EnergyCallbackHandler(BaseCallbackHandler):
             self._runs[run_id] = self.ledger.open(rec)
 
     # Calls metered from outside LangChain's callbacks ---------------------------------------------------------
-    def start_call(self, name: str, metadata: Mapping[str, Any] | None = None) -> UUID:
+    def start_call(self, name: str, metadata: Mapping[str, Any] | None = None, *, keep: bool = True) -> RunRecord:
         """Record the start of a chat-model call that no callback reports (a middleware around the call).
 
-        Returns:
-            The call's run id, for `end_call` and `energy_of`.
-        """
-        run_id = uuid7()  # (time-ordered, as LangChain's own run ids)
-        self._start(run_id, None, "chat_model", name, None, metadata)  # (`_start` copies the metadata)
-        return run_id
+        Args:
+            name: the model's name.
+            metadata: the record's metadata.
+            keep: keep the call in this handler's table. Without it, `end_call` returns the call's joules and
+                nothing of the call is kept afterwards (a meter that lives for months holds nothing per call).
 
-    def end_call(self, run_id: UUID, messages: Sequence[BaseMessage] = (), error: BaseException | None = None) -> None:
+        Returns:
+            The call's record, for `end_call` (its ``run_id`` names it, for `energy_of`, while it is kept).
+        """
+        if self._lease is None:
+            self._ensure_started()
+        run_id = f"{_CALL_TAG}{os.getpid()}-{next(_call_numbers)}"  # (the pid: a forked child counts on)
+        rec = RunRecord(run_id=run_id, parent_run_id=None, root_run_id=run_id, name=name, kind="chat_model",
+                        tags=[], metadata=dict(metadata or {}), t_start=0.0)
+        with self._lock, self.ledger.lock:  # (stamped under the ledger's lock, as `_start` does)
+            rec.t_start = self._clock()
+            self.ledger.open(rec, started_now=True)
+            if keep:
+                self._frozen = None
+                self._runs[run_id] = rec
+        if self.timeline.counters_step:
+            self._sample_edge()
+        return rec
+
+    def end_call(self, call: RunRecord, messages: Sequence[BaseMessage] = (),
+                 error: BaseException | None = None) -> dict[str, Any] | None:
         """Record the end of a call from `start_call`: tokens from its AI messages' usage, and for this
-        package's models the call's joules on the message, as the callbacks would."""
+        package's models the call's joules on the message, as the callbacks would.
+
+        Returns:
+            The call's joules as `energy_of` gives them (None if it failed).
+        """
+        t = self._clock()
         if error is not None:
-            self._finish(run_id, "error", error=error)
-            return
-        self._finish(run_id, "ok", answers=[m for m in messages if isinstance(m, AIMessage)])
+            self._close(call, t, "error", error=error)
+            energy = None
+        else:
+            answers = [m for m in messages if isinstance(m, AIMessage)]
+            energy = self._close(call, t, "ok", answers=answers) or self._call_energy(call)
+        if call.run_id not in self._runs:
+            self.ledger.release((call.run_id,))  # (not kept: the ledger drops it once folded)
+        return energy
 
     # LangChain callback methods -------------------------------------------------------------------------
     def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID,

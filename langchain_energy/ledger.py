@@ -154,7 +154,6 @@ class Ledger:
         self.lock = self._lock  # held by recorders while they change a live record
         self._t: list[float] = []
         self._e: dict[str, list[float]] = {c: [] for c in self.components}
-        self._raw: dict[str, float] = {}  # the meter's last cumulative value per component
         self._offset: dict[str, float] = {}  # joules of held components, never attributed
         self._live: dict[Hashable, RunRecord] = {}  # runs that can still receive joules
         self._calls: dict[Hashable, RunRecord] = {}  # the live runs that take energy first (calls)
@@ -162,7 +161,8 @@ class Ledger:
         self._crowded: set[Hashable] = set()  # live calls that overlapped another call (the others ran alone)
         self._links: dict[Hashable, Hashable | None] = {}  # folded run -> its parent, where it links live runs
         self._holders: dict[Hashable, int] = {}
-        # One table per weighting someone reads (`use`): a fold computes only the splits that are asked for.
+        # One table per weighting someone reads (`use`): a fold computes only the splits that are asked for. A run
+        # has an entry once a fold gives it joules (a live run without one has received nothing folded yet).
         self._received: dict[str, dict[Hashable, Received]] = {"equal": {}}
         self._cum: dict[Hashable, list[dict[str, float] | None]] = {}  # run -> [at start, at end]
         self._folded_to: float | None = None
@@ -175,7 +175,7 @@ class Ledger:
         """Keep the split by `weighting` from now on (runs opened later are shared by it too)."""
         with self._lock:
             if weighting not in self._received:
-                self._received[weighting] = {rid: Received(dict.fromkeys(self.components, 0.0)) for rid in self._live}
+                self._received[weighting] = {}
 
     # -- samples -----------------------------------------------------------------------------------------
     def add_sample(self, t: float, cumulative: Mapping[str, float], held: frozenset[str] = frozenset()) -> None:
@@ -191,13 +191,17 @@ class Ledger:
             if self._t and t <= self._t[-1]:
                 return
             self._t.append(t)
-            for c in self.components:
-                raw = float(cumulative.get(c, self._raw.get(c, 0.0)))
-                if c in held and c in self._raw:
-                    # What a held component spends is subtracted for good, so it never reaches a run.
-                    self._offset[c] = self._offset.get(c, 0.0) + raw - self._raw[c]
-                self._raw[c] = raw
-                self._e[c].append(raw - self._offset.get(c, 0.0))
+            offset = self._offset
+            for c, ys in self._e.items():  # (a stored value is the meter's minus the component's offset)
+                raw = cumulative.get(c)
+                if ys and (raw is None or c in held):
+                    # Unread, it holds its value. Held, what it spends is subtracted for good, so it never
+                    # reaches a run: the offset grows by it.
+                    if raw is not None:
+                        offset[c] = float(raw) - ys[-1]
+                    ys.append(ys[-1])
+                else:
+                    ys.append(float(raw or 0.0) - offset.get(c, 0.0))
             if self._folded_to is None:
                 self._folded_to = t
             self._resolve_marks()
@@ -242,8 +246,6 @@ class Ledger:
             self._unmarked[rec.run_id] = rec
             self._holders[rec.run_id] = 1
             self._cum[rec.run_id] = [None, None]
-            for table in self._received.values():
-                table[rec.run_id] = Received(dict.fromkeys(self.components, 0.0))
             self.version += 1
             if self._t and rec.t_start <= self._t[-1]:  # (a run recorded late: a sample covers an edge already)
                 self._resolve_marks()
@@ -294,6 +296,16 @@ class Ledger:
                 if rid not in self._live:
                     self._drop(rid)
             self.version += 1
+
+    def _nothing(self) -> Received:
+        return Received(dict.fromkeys(self.components, 0.0))
+
+    def _entry(self, table: dict[Hashable, Received], rid: Hashable) -> Received:
+        """A run's entry in a weighting's table, made on its first folded joules."""
+        entry = table.get(rid)
+        if entry is None:
+            entry = table[rid] = self._nothing()
+        return entry
 
     def _drop(self, rid: Hashable) -> None:
         for table in self._received.values():
@@ -413,7 +425,7 @@ class Ledger:
             result = attribute(times, cumulative, spans, window=(t0, upto), weighting="tokens")
             table = self._received[w]
             for s in spans:
-                table[s.run_id].add(result.direct[s.run_id], result.prefill.get(s.run_id),
+                self._entry(table, s.run_id).add(result.direct[s.run_id], result.prefill.get(s.run_id),
                                     result.decode.get(s.run_id), result.share_s[s.run_id])
             if n == 0:  # what nobody received is the same under every weighting: count it once
                 _add_into(self.outside_j, result.outside)
@@ -438,11 +450,13 @@ class Ledger:
         at_end = self._cumulative_at(upto)
         outside = {c: at_end[c] - self._e[c][0] for c in self.components}  # (the first sample is at t0)
         for r in calls:
-            energy, prefill, decode = self._lone_split(r)
-            for table in self._received.values():
-                table[r.run_id].add(energy, prefill, decode, r.t_end - r.t_start)
+            start, end = self._cum[r.run_id]
             for c in self.components:
-                outside[c] -= energy[c]
+                outside[c] -= end[c] - start[c]
+            if r.run_id in self._holders:  # (a run nobody holds any more is dropped below: nothing to keep)
+                energy, prefill, decode = self._lone_split(r)
+                for table in self._received.values():
+                    self._entry(table, r.run_id).add(energy, prefill, decode, r.t_end - r.t_start)
         _add_into(self.outside_j, outside)
 
     def _lone_split(self, rec: RunRecord) -> tuple[dict[str, float], dict[str, float] | None,
@@ -510,8 +524,9 @@ class Ledger:
         """
         with self._lock:
             folded = self._received[weighting]
-            wanted = list(folded) if runs is None else [r for r in runs if r in folded]
-            received = {rid: folded[rid].copy() for rid in wanted}
+            known = self._cum  # (every run from its opening to its drop)
+            wanted = list(known) if runs is None else [r for r in runs if r in known]
+            received = {rid: folded[rid].copy() if rid in folded else self._nothing() for rid in wanted}
             t_cut = t if t is not None else (self._t[-1] if self._t else 0.0)
             t0 = self._folded_to
             outside = dict(self.outside_j)

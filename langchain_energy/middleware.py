@@ -6,9 +6,8 @@ import functools
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable, Hashable
+from contextvars import ContextVar, Token
 from typing import Annotated, Any, NotRequired
 from uuid import UUID
 
@@ -29,6 +28,7 @@ from langgraph.types import Command
 
 from langchain_energy.callbacks import EnergyCallbackHandler, _energy_callback_var
 from langchain_energy.errors import ConfigError
+from langchain_energy.ledger import RunRecord
 
 __all__ = ["EnergyBudgetMiddleware", "EnergyBudgetState"]
 
@@ -49,7 +49,7 @@ class _CallWatch(BaseCallbackHandler):
 
     run_inline: bool = False
 
-    def __init__(self, run_ids: list[UUID]) -> None:
+    def __init__(self, run_ids: list[Hashable]) -> None:
         super().__init__()
         self.run_ids = run_ids
 
@@ -61,11 +61,18 @@ class _CallWatch(BaseCallbackHandler):
 
 
 class _Call:
-    """One model call of the agent as metered: the run ids behind it and the messages it answered."""
+    """One model call of the agent as metered: the messages it answered, and how it is metered: the record the
+    middleware made itself (and the joules it got at the end), or the context it set for the user's energy
+    handler (and the run ids that handler's callbacks saw)."""
+
+    __slots__ = ("run_ids", "messages", "own", "energy", "context")
 
     def __init__(self) -> None:
-        self.run_ids: list[UUID] = []
+        self.run_ids: list[Hashable] = []
         self.messages: list[BaseMessage] = []
+        self.own: RunRecord | None = None
+        self.energy: dict[str, Any] | None = None
+        self.context: tuple[Token[Any], Token[Any]] | None = None
 
 
 def _handlers_of(callbacks: Any) -> list[Any]:
@@ -74,24 +81,21 @@ def _handlers_of(callbacks: Any) -> list[Any]:
     return callbacks or []
 
 
-_NAME_KEYS = ("model_name", "model")
-
-
 @functools.lru_cache(maxsize=256)
-def _name_properties(cls: type) -> frozenset[str]:
-    return frozenset(k for k in _NAME_KEYS if hasattr(cls, k))
+def _name_properties(cls: type) -> tuple[str, ...]:
+    return tuple(k for k in ("model_name", "model") if hasattr(cls, k))
 
 
 def _model_name(model: Any) -> str:
     # Fields are read from the instance's dict, properties only where the class has them: asking a pydantic
     # model for an attribute it lacks costs more than much of the metering (it builds an AttributeError).
     fields = getattr(model, "__dict__", {})
-    properties = _name_properties(type(model))
-    for key in _NAME_KEYS:
-        value = fields[key] if key in fields else getattr(model, key) if key in properties else None
-        if value:
-            return str(value)
-    return type(model).__name__
+    name = fields.get("model_name") or fields.get("model")
+    for key in () if name else _name_properties(type(model)):
+        name = getattr(model, key)
+        if name:
+            break
+    return str(name) if name else type(model).__name__
 
 
 # When an energy handler already meters the agent's model calls, handlers in these variables join every LangChain
@@ -117,7 +121,8 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         budget_j_per_token: joules per generated token the run may reach (None: no such budget).
         fallback_model: the model to switch to once the budget is spent (None: end the run).
         handler: the energy handler that meters the calls, and keeps their table (default: one made on first
-            use, on the shared timeline of the automatic meter, which forgets each call once it is counted).
+            use, on the shared timeline of the automatic meter, which keeps no record of the calls once their joules
+            are in the run's summary).
         min_tokens_for_rate: generated tokens the run needs before `budget_j_per_token` is judged.
 
     Example:
@@ -159,7 +164,7 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         self.fallback_model = fallback_model
         self.min_tokens_for_rate = min_tokens_for_rate
         self._handler = handler
-        self._owns_handler = handler is None  # (its own handler forgets each call once counted: see `_count`)
+        self._owns_handler = handler is None  # (its own handler keeps no record of the calls: see `_begin`)
         self._lock = threading.Lock()
         self._run_of_thread: OrderedDict[str, Any] = OrderedDict()  # thread id -> its latest run's control
 
@@ -189,38 +194,48 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
             return f"{summary['j_per_token']:.3g} J/token against a {self.budget_j_per_token:g} J/token budget"
         return None
 
-    def _call_energies(self, run_ids: list[UUID], messages: list[BaseMessage]) -> list[dict[str, Any]]:
+    @staticmethod
+    def _energy_on(messages: list[BaseMessage]) -> list[dict[str, Any]]:
+        """The joules carried on the messages (``response_metadata["energy"]``: this package's models)."""
+        return [e for m in messages if isinstance(e := m.response_metadata.get("energy"), dict)]
+
+    def _call_energies(self, run_ids: list[Hashable], messages: list[BaseMessage]) -> list[dict[str, Any]]:
         """The joules of the model calls behind ``messages``: the split this package's models already carry on
-        their message (``response_metadata["energy"]``, final at the call's end), else the handler's."""
-        on_messages = [m.response_metadata["energy"] for m in messages
-                       if isinstance(m, AIMessage) and isinstance(m.response_metadata.get("energy"), dict)]
+        their message (final at the call's end), else the handler's."""
+        on_messages = self._energy_on(messages)
         if on_messages and len(on_messages) >= len(run_ids):
             return on_messages
         handler = self.handler  # another chat model (or a split not yet final): ask the ledger
         return [e for e in (handler.energy_of(run_id) for run_id in run_ids) if e is not None]
 
-    def _add_call(self, summary: dict[str, Any], run_ids: list[UUID], messages: list[BaseMessage],
+    def _add_call(self, summary: dict[str, Any], energies: list[dict[str, Any]], messages: list[BaseMessage],
                   fallback: bool) -> dict[str, Any]:
         out = dict(summary)
-        for energy in self._call_energies(run_ids, messages):
+        for energy in energies:
             out["energy_j"] += float(energy.get("energy_j", math.nan))
             out["energy_measured_j"] += float(energy.get("energy_measured_j", math.nan))
             out["provenance"] = energy.get("provenance") or out["provenance"]
         for message in messages:
-            usage = getattr(message, "usage_metadata", None) or {}
-            out["input_tokens"] += int(usage.get("input_tokens") or 0)
-            out["output_tokens"] += int(usage.get("output_tokens") or 0)
+            usage = message.usage_metadata if isinstance(message, AIMessage) else None
+            if usage:
+                out["input_tokens"] += usage.get("input_tokens") or 0
+                out["output_tokens"] += usage.get("output_tokens") or 0
         out["model_calls"] += 1
-        out["fallback_calls"] += int(fallback)
+        out["fallback_calls"] += fallback
         out["j_per_token"] = out["energy_j"] / out["output_tokens"] if out["output_tokens"] else math.nan
         out["exhausted"] = self._spent(out) is not None
         return out
 
     def _count(self, summary: dict[str, Any], call: _Call, fallback: bool) -> dict[str, Any]:
-        """The run's summary with this call added. The middleware's own handler then forgets the call: an agent
-        that runs for months must not keep a record per call (a handler given by the user keeps its table)."""
-        summary = self._add_call(summary, call.run_ids, call.messages, fallback)
+        """The run's summary with this call added."""
+        if call.own is not None:  # (metered here: its joules came with its end, and are on our models' messages)
+            energies = self._energy_on(call.messages) or ([] if call.energy is None else [call.energy])
+            return self._add_call(summary, energies, call.messages, fallback)
+        summary = self._add_call(summary, self._call_energies(call.run_ids, call.messages), call.messages, fallback)
         if self._owns_handler:
+            # Beside the user's handler, the middleware's own joined the call's callbacks: it forgets the call now
+            # (an agent that runs for months must not keep a record per call; a handler given by the user keeps
+            # its table).
             self.handler.forget(call.run_ids)
         return summary
 
@@ -237,31 +252,28 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
                     return True
         return False
 
-    @contextmanager
-    def _metered(self, model: Any) -> Iterator[_Call]:
-        """Meter one model call. Alone, the middleware records the call itself around it: no callback handler
+    def _begin(self, model: Any) -> _Call:
+        """Start metering one model call. Alone, the middleware records the call itself: no callback handler
         joins the model call, so LangChain's callback machinery costs nothing. Beside the user's energy handler,
-        its handler joins that call's callbacks, so the call stays one record in the ledger."""
+        its handler joins that call's callbacks (through context variables), so the call stays one record in the
+        ledger."""
         call = _Call()
         meter = self.handler
-        if not self._metered_elsewhere(model):
-            run_id = meter.start_call(_model_name(model))
-            call.run_ids.append(run_id)
-            try:
-                yield call
-            except BaseException as exc:
-                meter.end_call(run_id, error=exc)
-                raise
-            meter.end_call(run_id, call.messages)
-            return
-        watch = _CallWatch(call.run_ids)
-        watch_token = _watch_var.set(watch)
-        meter_token = _meter_var.set(meter)
-        try:
-            yield call
-        finally:
+        if self._metered_elsewhere(model):
+            call.context = (_watch_var.set(_CallWatch(call.run_ids)), _meter_var.set(meter))
+        else:
+            # (The middleware's own handler keeps no record of it: the joules come back from `end_call`.)
+            call.own = meter.start_call(_model_name(model), keep=not self._owns_handler)
+        return call
+
+    def _end(self, call: _Call, error: BaseException | None = None) -> None:
+        """Stop metering a call begun by `_begin` (with the error it raised, if any)."""
+        if call.context is not None:
+            watch_token, meter_token = call.context
             _meter_var.reset(meter_token)
             _watch_var.reset(watch_token)
+        elif call.own is not None:
+            call.energy = self.handler.end_call(call.own, call.messages, error=error)
 
     # -- hooks -----------------------------------------------------------------------------------------
     def _stopped(self, summary: dict[str, Any]) -> ExtendedModelResponse | None:
@@ -309,9 +321,14 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         stopped = self._stopped(summary)
         if stopped is not None:
             return stopped
-        with self._metered(request.model) as call:
+        call = self._begin(request.model)
+        try:
             response = handler(request)
-            call.messages = response.result
+        except BaseException as exc:
+            self._end(call, exc)
+            raise
+        call.messages = response.result
+        self._end(call)
         summary = self._count(summary, call, fallback)
         return ExtendedModelResponse(model_response=response, command=Command(update={"energy": summary}))
 
@@ -322,8 +339,13 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         stopped = self._stopped(summary)
         if stopped is not None:
             return stopped
-        with self._metered(request.model) as call:
+        call = self._begin(request.model)
+        try:
             response = await handler(request)
-            call.messages = response.result
+        except BaseException as exc:
+            self._end(call, exc)
+            raise
+        call.messages = response.result
+        self._end(call)
         summary = self._count(summary, call, fallback)
         return ExtendedModelResponse(model_response=response, command=Command(update={"energy": summary}))

@@ -2,7 +2,8 @@
 
 The timeline stores *cumulative* joules per component at each sample and hands every sample to its
 `Ledger`, which shares the joules among runs exactly and keeps samples only as far back as an open call
-needs. The timeline's own copy is for display (figures, `timeline_frame`): when it is full, every other
+needs. The timeline's own copy is for display (figures, `timeline_frame`) and holds the periodic and explicit
+samples, not the ones taken at runs' edges, which only sharpen the ledger's split: when it is full, every other
 interior sample is dropped, halving the resolution of old data but never its total. Several handlers share
 one timeline; `acquire`/`release` count them, and the sampler thread runs while the count is positive.
 
@@ -24,7 +25,7 @@ from langchain_energy.accounting import EnergyColumns
 from langchain_energy.attribution import interpolate
 from langchain_energy.errors import ConfigError
 from langchain_energy.ledger import Ledger
-from langchain_energy.meters.base import Clock, Meter, is_measured
+from langchain_energy.meters.base import Clock, Meter, Reading, is_measured
 from langchain_energy.meters.served import is_attributed, served_gpus
 from langchain_energy.meters.estimated import busy_fraction, cpu_busy_and_total
 
@@ -124,6 +125,7 @@ class Timeline:
         self.ledger = Ledger(self.provenance)
         self._cpu_busy: list[float] = []  # cumulative CPU seconds, one per sample
         self._cpu_total: list[float] = []
+        self._last: tuple[float, dict[str, float]] | None = None  # the newest sample, an edge's included
         self._data_lock = threading.Lock()
         self._ctl_lock = threading.Lock()
         self._edge_lock = threading.Lock()
@@ -187,8 +189,9 @@ class Timeline:
         """Take one sample immediately (handlers call this at run boundaries for sharp edges).
 
         Args:
-            edge: a run's edge: the machine's CPU times are not read (utilization is recorded by the
-                periodic samples; an edge carries the previous reading, so its interval reads as NaN).
+            edge: a run's edge: the sample sharpens the ledger's split only. The timeline's own copy, which is
+                for display, keeps the other samples (the sampler's ticks, explicit ones), each with the
+                machine's CPU times, so its utilization has no gaps and edges do not crowd it.
         """
         try:
             r = self.meter.read()
@@ -196,33 +199,43 @@ class Timeline:
             self._read_failed(exc)
             return
         with self._data_lock:
-            if self._t and r.t < self._t[-1]:
+            last = self._last
+            if last is not None and r.t < last[0]:
                 return  # a reading raced a later one: keep time monotone
             # Cumulative joules never fall: a reading that raced another one, or a counter that stepped back,
             # holds the previous value (the meters correct wraps; this only keeps the record consistent).
-            energy = {k: max(float(r.energy_j.get(k, s[-1] if s else 0.0)), s[-1] if s else -math.inf)
-                      for k, s in self._e.items()}
-            # Read under the lock so the cumulative CPU times are stored in the order they were read.
-            busy, total = (self._cpu_busy[-1], self._cpu_total[-1]) if edge and self._t else _cpu_busy_total()
-            if self._t and r.t == self._t[-1]:
-                for k in self._e:
-                    self._e[k][-1] = energy[k]
-                self._cpu_busy[-1], self._cpu_total[-1] = busy, total
-                return
-            self._t.append(r.t)
-            self._cpu_busy.append(busy)
-            self._cpu_total.append(total)
-            for k, series in self._e.items():
-                series.append(energy[k])
-            self.ledger.add_sample(r.t, energy, held=self._held_components())
-            n = len(self._t)
-            for i, series in self._util.items():
-                series.append(float(r.gpu_util.get(i, series[-1] if series else float("nan"))))
-            for i, u in r.gpu_util.items():
-                if i not in self._util:
-                    self._util[i] = [float("nan")] * (n - 1) + [float(u)]
-            if n > self.max_samples:
-                self._thin()
+            if last is None:
+                energy = {k: float(r.energy_j.get(k, 0.0)) for k in self._e}
+            else:
+                energy = {k: max(float(r.energy_j.get(k, j)), j) for k, j in last[1].items()}
+            self._last = (r.t, energy)
+            if last is None or r.t > last[0]:
+                self.ledger.add_sample(r.t, energy, held=self._shared().held)
+            if not edge:
+                self._keep(r, energy)
+
+    def _keep(self, r: Reading, energy: dict[str, float]) -> None:
+        """Add a sample to the display copy (under the data lock), replacing one taken at the same instant."""
+        # Read under the lock so the cumulative CPU times are stored in the order they were read.
+        busy, total = _cpu_busy_total()
+        if self._t and r.t == self._t[-1]:
+            for k in self._e:
+                self._e[k][-1] = energy[k]
+            self._cpu_busy[-1], self._cpu_total[-1] = busy, total
+            return
+        self._t.append(r.t)
+        self._cpu_busy.append(busy)
+        self._cpu_total.append(total)
+        for k, series in self._e.items():
+            series.append(energy[k])
+        n = len(self._t)
+        for i, series in self._util.items():
+            series.append(float(r.gpu_util.get(i, series[-1] if series else float("nan"))))
+        for i, u in r.gpu_util.items():
+            if i not in self._util:
+                self._util[i] = [float("nan")] * (n - 1) + [float(u)]
+        if n > self.max_samples:
+            self._thin()
 
     def _read_failed(self, exc: Exception) -> None:
         self.errors += 1
@@ -236,9 +249,6 @@ class Timeline:
         if known is None or known.served != served:  # it changes only when an engine registers its GPUs
             known = self._shared_now = _Shared.of(self.provenance, served)
         return known
-
-    def _held_components(self) -> frozenset[str]:
-        return self._shared().held
 
     def attributed_provenance(self) -> dict[str, str]:
         """Provenance of the components whose joules are shared among calls (GPUs the engines serve on)."""
@@ -267,8 +277,8 @@ class Timeline:
         is final only once a sample covers it). Callers at once share one read: each waits for the read in
         progress, which covers every end stamped before it began."""
         with self._edge_lock:
-            last = self.last_sample_t
-            if last is None or last < t:
+            last = self._last
+            if last is None or last[0] < t:
                 self.sample_now(edge=True)
 
     def _thin(self) -> None:
@@ -297,9 +307,9 @@ class Timeline:
 
     @property
     def last_sample_t(self) -> float | None:
-        """Time of the newest sample, or None before the first."""
-        with self._data_lock:
-            return self._t[-1] if self._t else None
+        """Time of the newest sample (an edge's included), or None before the first."""
+        last = self._last  # (one tuple, replaced whole: read without the lock)
+        return last[0] if last is not None else None
 
     def energy_between(self, t0: float, t1: float) -> dict[str, float]:
         """Joules per component between two instants, interpolating between samples."""

@@ -127,9 +127,8 @@ class ManualClock:
             return self._t
 
 
-def default_clock() -> float:
-    """The package's one clock for timelines and handler timestamps."""
-    return time.monotonic()
+#: The package's one clock for timelines and handler timestamps (the C function itself: it is read at every edge).
+default_clock: Clock = time.monotonic
 
 
 class MonotonicGuard:

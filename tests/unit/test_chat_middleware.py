@@ -70,11 +70,12 @@ def test_the_energy_on_our_models_messages_is_read_without_asking_the_ledger():
     ours = AIMessage(content="hi", usage_metadata={"input_tokens": 3, "output_tokens": 4, "total_tokens": 7},
                      response_metadata={"energy": {"energy_j": 5.0, "energy_measured_j": 0.0,
                                                    "provenance": {"cpu": "estimated:on-message"}}})
-    summary = mw._add_call(mw._fresh(), [uuid.uuid4()], [ours], fallback=False)
+    summary = mw._add_call(mw._fresh(), mw._call_energies([uuid.uuid4()], [ours]), [ours], fallback=False)
     assert handler.lookups == 0 and summary["energy_j"] == 5.0 and summary["output_tokens"] == 4
     assert summary["provenance"] == {"cpu": "estimated:on-message"}
     # Another chat model's message carries no energy: the handler's split is used instead.
-    summary = mw._add_call(summary, [uuid.uuid4()], [AIMessage(content="hi")], fallback=False)
+    other = AIMessage(content="hi")
+    summary = mw._add_call(summary, mw._call_energies([uuid.uuid4()], [other]), [other], fallback=False)
     assert handler.lookups == 1 and summary["energy_j"] == 7.0 and summary["model_calls"] == 2
 
 
@@ -203,7 +204,7 @@ def test_a_run_on_a_thread_keeps_one_summary_over_its_model_calls():
 
 def test_the_middlewares_own_handler_keeps_no_record_of_the_calls_it_has_counted():
     """A long-lived agent makes calls without end: once a call's joules are in its run's summary, the handler
-    the middleware made for itself forgets it (a handler given by the user keeps its table)."""
+    the middleware made for itself keeps nothing of it (a handler given by the user keeps its table)."""
     middleware = EnergyBudgetMiddleware(budget_j=1e9)
     model = ScriptedChat(tool_rounds=1)  # two model calls per run, no energy on the message: the ledger's split
     agent = create_agent(model, tools=[noop], middleware=[middleware])

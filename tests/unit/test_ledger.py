@@ -219,3 +219,20 @@ def test_a_view_for_one_ended_call_splits_only_the_time_it_ran(monkeypatch):
     monkeypatch.setattr(ledger_module, "attribute", lambda *a, **k: (windows.append(k["window"]), real(*a, **k))[1])
     ledger.view("equal", runs=["c"])
     assert windows == [pytest.approx((5.0, 6.0))]
+
+
+def test_a_held_component_gives_no_run_what_it_spends_while_held():
+    # gpu:1 serves no engine between t=1 and t=2 (held), then does; then one reading lacks it (it holds its value).
+    ledger = Ledger(("gpu:0", "gpu:1"))
+    ledger.add_sample(0.0, {"gpu:0": 0.0, "gpu:1": 0.0})
+    ledger.open(call("c", 0.0))
+    ledger.add_sample(1.0, {"gpu:0": 10.0, "gpu:1": 5.0})
+    ledger.add_sample(2.0, {"gpu:0": 20.0, "gpu:1": 9.0}, held=frozenset({"gpu:1"}))
+    ledger.add_sample(3.0, {"gpu:0": 30.0, "gpu:1": 12.0})
+    ledger.add_sample(4.0, {"gpu:0": 40.0})
+    ledger.close_run("c", 4.0)
+    ledger.add_sample(5.0, {"gpu:0": 50.0, "gpu:1": 20.0})
+    received = ledger.view("equal").received["c"].energy
+    assert received == pytest.approx({"gpu:0": 40.0, "gpu:1": 5.0 + 3.0})
+    ledger.fold()
+    assert ledger.view("equal").received["c"].energy == pytest.approx(received)
