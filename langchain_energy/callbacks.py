@@ -169,6 +169,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         self.timeline = timeline if timeline is not None else shared_timeline(meter, sample_interval_s)
         self.ledger = self.timeline.ledger
         self.ledger.use(weighting)
+        self.timeline.add_handler(self)
         self._clock = self.timeline.clock
         self.token_counter = token_counter
         self._lock = threading.RLock()

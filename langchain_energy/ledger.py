@@ -204,7 +204,8 @@ class Ledger:
                     ys.append(float(raw or 0.0) - offset.get(c, 0.0))
             if self._folded_to is None:
                 self._folded_to = t
-            self._resolve_marks()
+            if self._unmarked:
+                self._resolve_marks()
             if self._fold_due():
                 self._try_fold()
 
@@ -269,7 +270,8 @@ class Ledger:
         """Note that a live record changed (its end, tokens or edges); fold once enough became final."""
         with self._lock:
             self.version += 1
-            self._resolve_marks()
+            if self._unmarked:
+                self._resolve_marks()
             self._changes += 1
             if self._fold_due():
                 self._try_fold()

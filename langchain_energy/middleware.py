@@ -242,8 +242,11 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
     def _metered_elsewhere(self, model: Any) -> bool:
         """Whether an energy handler on this handler's ledger already sees the model call (the agent's callbacks,
         the model's own, or an `energy_callback()` block): then the call is one record both handlers hold."""
+        meter = self.handler
+        if meter.timeline.handlers <= 1:  # (no other energy handler is alive on this timeline: none can see it)
+            return False
         config = var_child_runnable_config.get()
-        ledger = self.handler.ledger
+        ledger = meter.ledger
         own = getattr(model, "__dict__", {}).get("callbacks")  # (a field: no pydantic attribute lookup)
         for handlers in (_handlers_of(config.get("callbacks") if config else None), _handlers_of(own),
                          (_energy_callback_var.get(),)):

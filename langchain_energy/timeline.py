@@ -17,6 +17,7 @@ import bisect
 import logging
 import math
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import psutil
@@ -131,6 +132,7 @@ class Timeline:
         self._edge_lock = threading.Lock()
         self._shared_now: _Shared | None = None
         self._refs = 0
+        self._handlers = 0  # energy handlers built on this timeline and still alive (`add_handler`)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.errors = 0
@@ -172,6 +174,21 @@ class Timeline:
     def users(self) -> int:
         """How many holders keep the sampler running."""
         return self._refs
+
+    @property
+    def handlers(self) -> int:
+        """How many energy handlers built on this timeline are alive (started or not)."""
+        return self._handlers
+
+    def add_handler(self, handler: object) -> None:
+        """Count an energy handler built on this timeline until it is collected."""
+        with self._ctl_lock:
+            self._handlers += 1
+        weakref.finalize(handler, self._handler_gone)
+
+    def _handler_gone(self) -> None:
+        with self._ctl_lock:
+            self._handlers -= 1
 
     def _run(self) -> None:
         # Event.wait paces the loop and wakes immediately on stop, so stop never waits a full interval.

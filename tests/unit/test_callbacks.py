@@ -372,3 +372,17 @@ def test_columns_are_stable_when_nothing_ran():
     assert "(no runs recorded)" in handler.report()
 
 
+
+
+def test_the_timeline_counts_the_energy_handlers_alive_on_it():
+    # (The middleware skips looking for another handler of the call while its own is the only one alive.)
+    import gc
+
+    from langchain_energy.timeline import Timeline
+
+    timeline = Timeline(ReplayMeter({"cpu": [(0.0, 10.0)]}, clock=ManualClock()))
+    first, second = EnergyCallbackHandler(timeline=timeline), EnergyCallbackHandler(timeline=timeline)
+    assert timeline.handlers == 2
+    del first
+    gc.collect()
+    assert timeline.handlers == 1 and second.timeline is timeline
