@@ -88,8 +88,15 @@ class EnergyColumns:
     def _by_group(self, energy: Mapping[str, float]) -> dict[str, float]:
         """Joules per available group (NaN for a group the meter does not report)."""
         if energy.keys() <= self._group_of.keys():  # (the usual case: the components this provenance names)
-            return {g: _NAN if keys is None else math.fsum([energy.get(k, 0.0) for k in keys])
-                    for g, keys in self._keys_of}
+            out = {}
+            for g, keys in self._keys_of:  # (loops, not comprehensions: this runs at every call's end)
+                if keys is None:
+                    out[g] = _NAN
+                elif len(keys) == 1:
+                    out[g] = energy.get(keys[0], 0.0)
+                else:
+                    out[g] = math.fsum([energy.get(k, 0.0) for k in keys])
+            return out
         by_group: dict[str, list[float]] = {g: [] for g in COMPONENTS}
         for k, v in energy.items():
             g = self._group_of.get(k) or component_group(k)

@@ -57,10 +57,19 @@ _EDGE_FRESH_S = 0.002
 _TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens")
 
 # Run ids of the calls recorded outside LangChain's callbacks (`start_call`): text, unique across processes (a
-# random tag) and within one (a counter). Text rather than a UUID object: the record is looked up a few dozen
-# times per call, and a string hashes once where a UUID hashes in Python at every lookup.
-_CALL_TAG = f"call-{os.urandom(4).hex()}-"
+# random tag and the pid) and within one (a counter). Text rather than a UUID object: the record is looked up a
+# few dozen times per call, and a string hashes once where a UUID hashes in Python at every lookup.
+_call_tag = ""
 _call_numbers = itertools.count(1)
+
+
+def _new_call_tag() -> None:
+    global _call_tag, _call_numbers
+    _call_tag, _call_numbers = f"call-{os.urandom(4).hex()}-{os.getpid()}-", itertools.count(1)
+
+
+_new_call_tag()
+os.register_at_fork(after_in_child=_new_call_tag)  # (a forked child names its calls anew)
 
 
 class _Lease:
@@ -478,10 +487,11 @@ class EnergyCallbackHandler(BaseCallbackHandler):
     def _read_answers(self, rec: RunRecord, answers: Sequence[AIMessage]) -> None:
         """Tokens of a call recorded outside the callbacks, from its AI messages (as `_read_response` reads a
         chat response's)."""
-        usage = next((m.usage_metadata for m in answers if m.usage_metadata), None)
-        if usage:
-            self._read_usage(rec, usage)
-        elif self.token_counter is not None:
+        for m in answers:
+            if m.usage_metadata:
+                self._read_usage(rec, m.usage_metadata)
+                return
+        if self.token_counter is not None:
             self._count_tokens(rec, [m.text for m in answers])
 
     def _count_tokens(self, rec: RunRecord, answers: Sequence[str]) -> None:
@@ -550,7 +560,7 @@ class EnergyCallbackHandler(BaseCallbackHandler):
         """
         if self._lease is None:
             self._ensure_started()
-        run_id = f"{_CALL_TAG}{os.getpid()}-{next(_call_numbers)}"  # (the pid: a forked child counts on)
+        run_id = f"{_call_tag}{next(_call_numbers)}"
         rec = RunRecord(run_id=run_id, parent_run_id=None, root_run_id=run_id, name=name, kind="chat_model",
                         tags=[], metadata=dict(metadata or {}), t_start=0.0)
         with self._lock, self.ledger.lock:  # (stamped under the ledger's lock, as `_start` does)

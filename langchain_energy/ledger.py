@@ -349,7 +349,11 @@ class Ledger:
         if i == 0 or i == len(ts):
             return {c: self._e[c][0 if i == 0 else -1] for c in self.components}
         f = (t - ts[i - 1]) / (ts[i] - ts[i - 1])
-        return {c: ys[i - 1] + (ys[i] - ys[i - 1]) * f for c, ys in self._e.items()}
+        out = {}
+        for c, ys in self._e.items():  # (a loop, not a comprehension: this runs at every call's edges)
+            before = ys[i - 1]
+            out[c] = before + (ys[i] - before) * f
+        return out
 
     def fold(self) -> None:
         """Fold everything that can no longer change now (it otherwise happens in batches, on its own)."""
@@ -467,7 +471,9 @@ class Ledger:
         (None when that is not known)."""
         start, end = self._cum[rec.run_id]
         assert start is not None and end is not None and rec.t_end is not None
-        energy = {c: end[c] - start[c] for c in self.components}
+        energy = {}
+        for c, j in end.items():  # (a loop, not a comprehension: this runs at every call's end)
+            energy[c] = j - start[c]
         if rec.t_first_token is None:
             return energy, None, None
         at_first = self._cumulative_at(min(max(rec.t_first_token, rec.t_start), rec.t_end))

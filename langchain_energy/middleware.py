@@ -239,10 +239,10 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
             self.handler.forget(call.run_ids)
         return summary
 
-    def _metered_elsewhere(self, model: Any) -> bool:
-        """Whether an energy handler on this handler's ledger already sees the model call (the agent's callbacks,
-        the model's own, or an `energy_callback()` block): then the call is one record both handlers hold."""
-        meter = self.handler
+    @staticmethod
+    def _metered_elsewhere(meter: EnergyCallbackHandler, model: Any) -> bool:
+        """Whether an energy handler on `meter`'s ledger already sees the model call (the agent's callbacks, the
+        model's own, or an `energy_callback()` block): then the call is one record both handlers hold."""
         if meter.timeline.handlers <= 1:  # (no other energy handler is alive on this timeline: none can see it)
             return False
         config = var_child_runnable_config.get()
@@ -262,7 +262,7 @@ class EnergyBudgetMiddleware(AgentMiddleware[EnergyBudgetState, Any, Any]):
         ledger."""
         call = _Call()
         meter = self.handler
-        if self._metered_elsewhere(model):
+        if self._metered_elsewhere(meter, model):
             call.context = (_watch_var.set(_CallWatch(call.run_ids)), _meter_var.set(meter))
         else:
             # (The middleware's own handler keeps no record of it: the joules come back from `end_call`.)

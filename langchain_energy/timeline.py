@@ -221,10 +221,15 @@ class Timeline:
                 return  # a reading raced a later one: keep time monotone
             # Cumulative joules never fall: a reading that raced another one, or a counter that stepped back,
             # holds the previous value (the meters correct wraps; this only keeps the record consistent).
+            read = r.energy_j
+            energy = {}
             if last is None:
-                energy = {k: float(r.energy_j.get(k, 0.0)) for k in self._e}
+                for k in self._e:
+                    energy[k] = float(read.get(k, 0.0))
             else:
-                energy = {k: max(float(r.energy_j.get(k, j)), j) for k, j in last[1].items()}
+                for k, j in last[1].items():  # (a loop, not a comprehension: this runs at every call's end)
+                    now = float(read.get(k, j))
+                    energy[k] = now if now > j else j
             self._last = (r.t, energy)
             if last is None or r.t > last[0]:
                 self.ledger.add_sample(r.t, energy, held=self._shared().held)

@@ -387,7 +387,7 @@ class EstimatedMeter:
         with self._lock:
             t = self.clock()
             self._advance(t, max(self.resolution_s, _SAMPLER_BEHIND_S) if self._sampled else self.resolution_s)
-            return Reading(t=t, energy_j=dict(self._energy))
+            return Reading(t, dict(self._energy), {}, {})  # (every field given: no default factories to call)
 
     def measure_utilization(self) -> None:
         """Measure utilization now if a window has passed (a timeline's sampler calls this at each tick)."""

@@ -409,3 +409,28 @@ def test_a_call_shorter_than_the_counters_step_says_so():
             clock.advance(seconds)
             handler.on_llm_end(LLMResult(generations=[[Generation(text="o")]]), run_id=run)
     assert handler.to_dataframe().below_resolution.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_call_recorded_outside_the_callbacks_gets_its_joules_at_its_end(keep):
+    clock, meter = replay(100.0)
+    with EnergyCallbackHandler(meter=meter) as handler:
+        clock.advance(0.05)
+        call = handler.start_call("outside", keep=keep)
+        clock.advance(2.0)
+        message = AIMessage(content="ok", usage_metadata={"input_tokens": 5, "output_tokens": 3, "total_tokens": 8},
+                            response_metadata={"latency_s": 2.0})  # (as this package's models report)
+        energy = handler.end_call(call, [message])
+        assert energy["energy_j"] == pytest.approx(200.0) and energy["final"]
+        assert message.response_metadata["energy"] == energy
+        held = handler.ledger._holders.get(call.run_id, 0)  # (the ledger's holders of the run)
+        if keep:
+            assert handler.energy_of(call.run_id) == energy and handler.runs[0].completion_tokens == 3
+            assert held == 1
+        else:
+            # Nothing of the call stays with the handler, and the ledger drops it once folded.
+            assert handler.runs == [] and handler.energy_of(call.run_id) is None and held == 0
+            clock.advance(1.0)
+            handler.timeline.sample_now()
+            handler.ledger.fold()
+            assert handler.ledger.view("equal", runs=[call.run_id]).received == {}
