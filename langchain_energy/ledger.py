@@ -456,11 +456,10 @@ class Ledger:
         at_end = self._cumulative_at(upto)
         outside = {c: at_end[c] - self._e[c][0] for c in self.components}  # (the first sample is at t0)
         for r in calls:
-            start, end = self._cum[r.run_id]
+            energy, prefill, decode = self._lone_split(r)
             for c in self.components:
-                outside[c] -= end[c] - start[c]
+                outside[c] -= energy[c]
             if r.run_id in self._holders:  # (a run nobody holds any more is dropped below: nothing to keep)
-                energy, prefill, decode = self._lone_split(r)
                 for table in self._received.values():
                     self._entry(table, r.run_id).add(energy, prefill, decode, r.t_end - r.t_start)
         _add_into(self.outside_j, outside)
