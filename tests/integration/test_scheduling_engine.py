@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 from uuid import UUID
@@ -79,22 +80,24 @@ def _fan_out(llm: ServingLLM, width: int):
 @pytest.mark.parametrize("policy", ["workflow-fcfs", "fcfs"])
 def test_the_engine_serves_an_older_workflow_first_from_the_priority_alone(vllm_server, policy):
     # No gate: the order comes from vLLM's priority queue. A blocker workflow fills the engine's 8 slots; then
-    # B's eight calls arrive before A's, although A's workflow started first. Under workflow-fcfs the engine
-    # serves A's waiting calls first; under fcfs, B's, which came first.
+    # B's eight calls arrive before A's, although A's workflow started first. Once all sixteen wait, the blocker
+    # is cancelled (vLLM aborts a request whose client went away), which frees every slot at once. Under
+    # workflow-fcfs the engine serves A's waiting calls first; under fcfs, B's, which came first.
     width = vllm_server.config.max_num_seqs
     scheduler = WorkflowScheduler(policy)
     llm = ServingLLM.from_server(vllm_server, max_tokens=16, ignore_eos=True, seed=0, scheduler=scheduler)
-    blocker_llm = ServingLLM.from_server(vllm_server, max_tokens=96, ignore_eos=True, seed=0, scheduler=scheduler)
+    # Long enough to outlast any slow spell of the machine: it never ends on its own, the test ends it.
+    blocker_llm = ServingLLM.from_server(vllm_server, max_tokens=2048, ignore_eos=True, seed=0, scheduler=scheduler)
     clock = CallClock()
 
     async def run() -> None:
         def cfg(name: str) -> dict:
             return {"callbacks": [scheduler, clock], "tags": [name]}
 
-        async def started(name: str) -> None:  # the workflow's calls are on their way to the engine
+        async def started(name: str, settle_s: float = 0.1) -> None:  # the workflow's calls reached the engine
             while len(clock.starts.get(name, [])) < width:
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(settle_s)
 
         blocker = asyncio.ensure_future(_fan_out(blocker_llm, width).ainvoke("Describe a river.", config=cfg("wf-0")))
         await started("wf-0")
@@ -106,13 +109,17 @@ def test_the_engine_serves_an_older_workflow_first_from_the_priority_alone(vllm_
         a = asyncio.ensure_future(RunnableLambda(late_a).ainvoke("Describe a lake.", config=cfg("wf-a")))
         await asyncio.sleep(0.02)
         b = asyncio.ensure_future(_fan_out(llm, width).ainvoke("Describe a hill.", config=cfg("wf-b")))
-        await asyncio.gather(blocker, a, b)
+        await started("wf-a", settle_s=0.5)
+        # The premise: the blocker still holds the engine's slots while every call of A and B waits.
+        assert "wf-0" not in clock.ends and not blocker.done(), "the blocker ended before A's calls arrived"
+        blocker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await blocker
+        await asyncio.gather(a, b)
 
     asyncio.run(run())
     a, b = clock.ends["wf-a"], clock.ends["wf-b"]
     assert len(a) == len(b) == width
-    # The premise: every call of A and B was waiting while the blocker held the engine's slots.
-    assert max(clock.starts["wf-a"]) < min(clock.ends["wf-0"]), "the blocker ended before A's calls arrived"
     if policy == "workflow-fcfs":
         assert max(a) < min(b)
     else:
