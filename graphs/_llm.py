@@ -24,10 +24,9 @@ def _setting(configurable: dict[str, Any], key: str) -> str | None:
 
 
 def studio_llm(config: RunnableConfig | None = None) -> BaseLanguageModel:
-    """The model for this run's config (see the module docstring for the resolution order): the chat model, as
-    ``python -m chains.run`` uses (the workloads are chat-style), or Parrot's completion LLM for Parrot."""
+    """The chat model for this run's config (see the module docstring for the resolution order), on vLLM or
+    Parrot, as ``python -m chains.run`` uses (the workloads are chat-style)."""
     from langchain_energy.chat_models import ChatServing
-    from langchain_energy.llms import ServingLLM
 
     configurable = dict((config or {}).get("configurable") or {})
     base_url = _setting(configurable, "base_url")
@@ -39,5 +38,5 @@ def studio_llm(config: RunnableConfig | None = None) -> BaseLanguageModel:
             kwargs: dict[str, Any] = {"backend": backend, "model": model}
             if backend != "vllm":
                 kwargs["base_url"] = base_url
-            _cache[key] = ServingLLM(**kwargs) if backend == "parrot" else ChatServing(**kwargs)
+            _cache[key] = ChatServing(**kwargs)
         return _cache[key]

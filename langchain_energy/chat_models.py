@@ -1,4 +1,5 @@
-"""`ChatServing`: a LangChain chat model served by vLLM (managed or by URL), with tools and structured output.
+"""`ChatServing`: a LangChain chat model served by vLLM (managed or by URL) or Parrot, with tools and structured
+output (on vLLM).
 
 Built on the package's own OpenAI-compatible backend rather than on langchain-openai's ``ChatOpenAI``: that backend
 already starts the managed engine lazily (shared with `ServingLLM`), streams every call so that time to first
@@ -27,6 +28,7 @@ from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
     BaseMessage,
+    HumanMessage,
     SystemMessage,
     convert_to_openai_messages,
 )
@@ -46,10 +48,10 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 from langchain_energy._auth import key_to_send
 from langchain_energy._loop import iterate_sync, run_sync
 from langchain_energy._tools import ForcedCall, new_call_id, schema_name, normalize_tool_choice, tool_specs
-from langchain_energy.backends.base import Completion, SamplingParams, StreamEvent
+from langchain_energy.backends.base import Backend, Completion, SamplingParams, StreamEvent
 from langchain_energy.backends.openai_compat import OpenAICompatBackend
 from langchain_energy.backends.vllm_server import EngineConfig, VLLMServer, shared_server
-from langchain_energy.errors import BackendUnreachableError, ConfigError
+from langchain_energy.errors import BackendUnreachableError, ConfigError, UnsupportedError
 from langchain_energy.models import DEFAULT_MODEL, load_tokenizer, resolve_model
 from langchain_energy.scheduling import WorkflowScheduler
 
@@ -66,12 +68,16 @@ _NO_PARSER_PHRASES = ("enable-auto-tool-choice", "tool-call-parser", "tool_call_
 
 
 class ChatServing(BaseChatModel):
-    """A LangChain chat model on a managed vLLM engine or any vLLM server, with energy-ready accounting.
+    """A LangChain chat model on a managed vLLM engine, any vLLM server or Parrot, with energy-ready accounting.
 
     - ``backend="vllm"`` (default): a managed local vLLM server started on first use (the embedded SmolLM2-135M
       unless ``model`` or ``engine`` says otherwise), the same one `ServingLLM` uses for the same knobs.
     - ``backend="openai"``: any running vLLM OpenAI-compatible server at ``base_url`` (``api_key`` for one
       started with ``--api-key`` or behind a gateway).
+    - ``backend="parrot"``: Parrot's ServeCore at ``base_url``. Each call is one semantic call, which Parrot's
+      engine receives as one user message: so a call takes one human message (a plain prompt, as the workloads
+      send), binds no tools and asks for no structured output (Parrot decodes no JSON schema). Parrot does
+      not stream or report tokens: the message arrives whole, its tokens counted with the model's tokenizer.
 
     Every message carries ``usage_metadata`` (with ``input_token_details.cache_read`` from vLLM's prefix
     cache) and ``response_metadata`` with ``model_name``, ``finish_reason``, ``ttft_s`` and ``latency_s``; an
@@ -97,16 +103,18 @@ class ChatServing(BaseChatModel):
                     "Weather in Paris?", config={"callbacks": [energy]})
             msg.tool_calls                       # [{'name': 'get_weather', 'args': {'city': ...}, ...}]
             msg.usage_metadata, msg.response_metadata["energy"]
+            parrot = ChatServing(backend="parrot", base_url="http://127.0.0.1:9000", model="smollm2-135m")
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), populate_by_name=True)
 
-    backend: Literal["vllm", "openai"] = "vllm"
-    """Which server answers: a managed vLLM server, or a vLLM OpenAI-compatible server at ``base_url``."""
+    backend: Literal["vllm", "openai", "parrot"] = "vllm"
+    """Which server answers: a managed vLLM server, a vLLM OpenAI-compatible server or Parrot's ServeCore at
+    ``base_url``."""
     model: str = Field(default=DEFAULT_MODEL, alias="model_name")
-    """Registry name, model directory or hub name (for ``openai``: the served model name)."""
+    """Registry name, model directory or hub name (for ``openai``/``parrot``: the served model name)."""
     base_url: str | None = None
-    """URL of the server for ``openai``, ending in /v1; unused for ``vllm``."""
+    """URL of the server for ``openai`` (ending in /v1) and ``parrot``; unused for ``vllm``."""
     api_key: SecretStr | None = Field(default_factory=secret_from_env("OPENAI_API_KEY", default=None))
     """Bearer token for URL servers (default: ``OPENAI_API_KEY``; the managed engine only if its flags ask for one)."""
     engine: EngineConfig | None = None
@@ -143,20 +151,18 @@ class ChatServing(BaseChatModel):
     """A `WorkflowScheduler` (also in the runs' callbacks): each call waits at its gate, if any, and is sent
     with its priority (which replaces ``priority``, except under ``fcfs``), as in `ServingLLM`."""
 
-    _backend: OpenAICompatBackend | None = PrivateAttr(default=None)
+    _backend: Backend | None = PrivateAttr(default=None)
     _server: VLLMServer | None = PrivateAttr(default=None)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     def __init__(self, **data: Any) -> None:
-        if data.get("backend") == "parrot":
-            raise ConfigError("ChatServing does not speak Parrot (a semantic call takes one prompt template, not "
-                              "a message list): use ServingLLM(backend='parrot')")
         if data.get("timeout", 0) is None:
             data.pop("timeout")
         super().__init__(**data)
         self._sampling()  # validate sampling parameters up front, with our own error type
-        if self.backend == "openai" and not self.base_url:
-            raise ConfigError("backend 'openai' needs base_url (the server's address, ending in /v1)")
+        if self.backend != "vllm" and not self.base_url:
+            raise ConfigError(f"backend {self.backend!r} needs base_url (the server's address"
+                              f"{', ending in /v1' if self.backend == 'openai' else ''})")
         if self.engine is not None and self.backend != "vllm":
             raise ConfigError("engine knobs apply to the managed vLLM server only (backend='vllm')")
 
@@ -177,12 +183,16 @@ class ChatServing(BaseChatModel):
                 **{key: getattr(self, key) for key in _SAMPLING_KEYS}}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(ls_provider="vllm", ls_model_name=kwargs.get("model") or self.model,
+        params = LangSmithParams(ls_provider=self._provider, ls_model_name=kwargs.get("model") or self.model,
                                  ls_model_type="chat", ls_temperature=kwargs.get("temperature", self.temperature),
                                  ls_max_tokens=kwargs.get("max_tokens", self.max_tokens))
         if stop or self.stop:
             params["ls_stop"] = list(stop or self.stop or [])
         return params
+
+    @property
+    def _provider(self) -> str:
+        return "parrot" if self.backend == "parrot" else "vllm"
 
     def _sampling(self, stop: list[str] | None = None, **overrides: Any) -> SamplingParams:
         values = {key: getattr(self, key) for key in _SAMPLING_KEYS}
@@ -194,9 +204,15 @@ class ChatServing(BaseChatModel):
         """The managed server behind a ``vllm`` chat model once started (for /metrics and cache resets)."""
         return self._server
 
-    def get_backend(self) -> OpenAICompatBackend:
+    def get_backend(self) -> Backend:
         """The backend, created (and for ``vllm`` the shared managed server started) on first use."""
         with self._lock:
+            if self._backend is None and self.backend == "parrot":
+                from langchain_energy.backends.parrot import ParrotBackend
+
+                self._backend = ParrotBackend(self.base_url, self.model, tokenizer=self._tokenizer_path(),
+                                              request_timeout_s=self.request_timeout_s,
+                                              connect_timeout=self.connect_timeout_s)
             if self._backend is None:
                 base_url, model, health_check = self.base_url, self.model, None
                 if self.backend == "vllm":
@@ -209,7 +225,7 @@ class ChatServing(BaseChatModel):
                     api_key=key_to_send(self.api_key, self.backend, self.engine))
             return self._backend
 
-    async def _aget_backend(self) -> OpenAICompatBackend:
+    async def _aget_backend(self) -> Backend:
         # Starting a managed server blocks for tens of seconds: keep it off the caller's event loop.
         return self._backend or await asyncio.to_thread(self.get_backend)
 
@@ -272,6 +288,8 @@ class ChatServing(BaseChatModel):
         """
         specs = tool_specs(tools)
         mode, _ = normalize_tool_choice(tool_choice, [s["function"]["name"] for s in specs])
+        if specs and mode != "none":
+            self._check_decodes_schemas("tools")
         if mode == "auto" and specs and self._parses_tool_calls() is False:
             raise ConfigError(_NO_PARSER)
         return super().bind(tools=specs, tool_choice=tool_choice, **kwargs)
@@ -300,6 +318,7 @@ class ChatServing(BaseChatModel):
         """
         if kwargs:
             raise ConfigError(f"unexpected options for with_structured_output: {', '.join(kwargs)}")
+        self._check_decodes_schemas("structured output")
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
         json_schema = convert_to_json_schema(schema)
         ls_format = {"kwargs": {"method": method, "strict": strict}, "schema": json_schema}
@@ -329,6 +348,11 @@ class ChatServing(BaseChatModel):
         failed = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")
 
+    def _check_decodes_schemas(self, what: str) -> None:
+        if self.backend == "parrot":
+            raise UnsupportedError(f"Parrot decodes no JSON schema, so it cannot serve {what}: use backend 'vllm' or "
+                              "'openai'")
+
     # -- one request -----------------------------------------------------------------------------------
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any],
                  run_id: Any = None) -> tuple[dict[str, Any], ForcedCall | None]:
@@ -345,6 +369,10 @@ class ChatServing(BaseChatModel):
         if unknown:
             raise ConfigError(f"unknown call options for ChatServing: {', '.join(sorted(unknown))}")
         params = self._sampling(stop, **kwargs)
+        if self.backend == "parrot":
+            if response_format is not None or (specs and choice != "none"):
+                self._check_decodes_schemas("tools or structured output")
+            return {"params": params, "prompt": _parrot_prompt(messages), "request": {}, "run_id": run_id}, None
         forced = None
         if specs:
             specs = tool_specs(specs)  # already specs: a cheap check
@@ -362,7 +390,7 @@ class ChatServing(BaseChatModel):
         if response_format is not None:
             extra["response_format"] = response_format
         request = {"messages": convert_to_openai_messages(messages), "extra": extra, "model": model}
-        return {"params": params, "request": request, "run_id": run_id}, forced
+        return {"params": params, "prompt": "", "request": request, "run_id": run_id}, forced
 
     async def _backend_events(self, call: dict[str, Any], forced: ForcedCall | None,
                               t_enter: float) -> AsyncIterator[StreamEvent]:
@@ -382,7 +410,7 @@ class ChatServing(BaseChatModel):
                 sent_after = time.monotonic() - t_enter   # after the gate: the wait there is not the call's
                 received = False
                 try:
-                    async for event in backend.astream("", params, **call["request"]):
+                    async for event in backend.astream(call["prompt"], params, **call["request"]):
                         if event.completion is not None:
                             event.completion.extra["sent_after_s"] = sent_after
                             if engine_start_s > 0:
@@ -402,7 +430,7 @@ class ChatServing(BaseChatModel):
         """A refused request as the specific error: no tool-call parser, or a schema the engine cannot decode."""
         if any(p in str(exc) for p in _NO_PARSER_PHRASES):
             return ConfigError(_NO_PARSER)
-        fmt = call["request"]["extra"].get("response_format") or {}
+        fmt = call["request"].get("extra", {}).get("response_format") or {}
         if fmt.get("type") == "json_schema" and "grammar" in str(exc).lower():
             what = (f"tool {forced.names[0]!r}" if forced is not None and forced.single
                     else f"schema {fmt['json_schema'].get('name')!r}")
@@ -410,7 +438,7 @@ class ChatServing(BaseChatModel):
         return exc
 
     def _model_name(self, call: dict[str, Any]) -> str:
-        return call["request"]["model"] or (self._backend.model_name if self._backend else self.model)
+        return call["request"].get("model") or (self._backend.model_name if self._backend else self.model)
 
     async def _events(self, call: dict[str, Any], forced: ForcedCall | None,
                       t_enter: float) -> AsyncIterator[ChatGenerationChunk]:
@@ -442,12 +470,11 @@ class ChatServing(BaseChatModel):
             usage["input_token_details"] = {"cache_read": int(completion.cached_tokens)}
         return usage
 
-    @staticmethod
-    def _metadata(completion: Completion, model_name: str, forced: bool) -> dict[str, Any]:
+    def _metadata(self, completion: Completion, model_name: str, forced: bool) -> dict[str, Any]:
         finish = completion.finish_reason
         if forced and finish == "stop":
             finish = "tool_calls"
-        return {"model_name": model_name, "model_provider": "vllm", "finish_reason": finish,
+        return {"model_name": model_name, "model_provider": self._provider, "finish_reason": finish,
                 "ttft_s": completion.ttft_s, "latency_s": completion.latency_s}
 
     def _last_chunk(self, completion: Completion, model_name: str, forced: bool) -> ChatGenerationChunk:
@@ -559,6 +586,18 @@ def _complete_output(message: AIMessage) -> AIMessage:
         raise OutputParserException("the structured output was cut at max_tokens before it was complete; "
                                     "raise max_tokens", llm_output=message.text)
     return message
+
+
+def _parrot_prompt(messages: list[BaseMessage]) -> str:
+    """The prompt of a conversation that Parrot can carry: its one human message, in text."""
+    if len(messages) == 1 and isinstance(messages[0], HumanMessage):
+        content = messages[0].content
+        if isinstance(content, str) or all(isinstance(b, str) or b.get("type") == "text" for b in content):
+            return messages[0].text
+        raise ConfigError("Parrot's semantic calls carry text only: this message has non-text content")
+    kinds = ", ".join(m.type for m in messages) or "no messages"
+    raise ConfigError(f"Parrot's engine receives each semantic call as one user message, not a conversation "
+                      f"({kinds}): send one prompt, or use backend 'vllm' or 'openai'")
 
 
 def _with_instruction(messages: list[BaseMessage], instruction: str) -> list[BaseMessage]:

@@ -13,6 +13,11 @@ class ConfigError(EnergyError, ValueError):
     """A parameter, knob or option has a value that cannot work (negative length, unknown name, ...)."""
 
 
+class UnsupportedError(ConfigError, NotImplementedError):
+    """The backend cannot do what was asked (tools on Parrot); a `NotImplementedError` too, as LangChain expects
+    of a model without a capability, so code that falls back on one (``bind_tools``) falls back here."""
+
+
 class ModelNotFoundError(ConfigError):
     """A model name or directory could not be resolved to something vLLM can serve."""
 

@@ -152,14 +152,12 @@ def _engine_context(settings, log_dir: Path):
 
 
 def _make_llm(settings, server, api_key: Any = None):
-    """The trial's model: the chat model (the workloads are chat-style), or Parrot's completion LLM."""
-    common = {"max_tokens": 256, "seed": settings.seed, **sampling_fields(settings.to_dict())}
-    if settings.backend == "parrot":
-        from langchain_energy.llms import ServingLLM
-
-        return ServingLLM(backend="parrot", base_url=settings.base_url, model=settings.model, **common)
+    """The trial's model: the chat model (the workloads are chat-style), on vLLM or Parrot."""
     from langchain_energy.chat_models import ChatServing
 
+    common = {"max_tokens": 256, "seed": settings.seed, **sampling_fields(settings.to_dict())}
+    if settings.backend == "parrot":
+        return ChatServing(backend="parrot", base_url=settings.base_url, model=settings.model, **common)
     if api_key is not None:
         common["api_key"] = api_key
     if server is not None:

@@ -167,15 +167,13 @@ class EngineTrialRunner:
                 self.engine_config(config)
 
     def _llm(self, config: SweepConfig) -> Any:
-        # The workloads are chat-style: the chat model on the engine; Parrot's semantic calls stay completions.
-        if config.settings.get("backend", "vllm") == "parrot":
-            from langchain_energy.llms import ServingLLM
-
-            return ServingLLM(backend="parrot", base_url=self._parrot_base_url(),
-                              model=self.server.served_model_name if self._stack else
-                              self.engine_args.get("model", "smollm2-135m"))
+        # The workloads are chat-style: the chat model, on the engine or on Parrot in front of it.
         from langchain_energy.chat_models import ChatServing
 
+        if config.settings.get("backend", "vllm") == "parrot":
+            return ChatServing(backend="parrot", base_url=self._parrot_base_url(),
+                               model=self.server.served_model_name if self._stack else
+                               self.engine_args.get("model", "smollm2-135m"))
         return ChatServing.from_server(self.server)
 
     def run(self, config: SweepConfig, repeat: int) -> Any:

@@ -35,6 +35,30 @@ def test_serving_llm_on_parrot_counts_tokens_as_the_server_does(core, vllm_serve
     assert info["prompt_tokens"] == usage["prompt_tokens"]
 
 
+def test_chat_serving_on_parrot_is_a_chat_model_with_usage_and_energy(core, vllm_server):
+    from langchain_core.messages import AIMessageChunk
+
+    from langchain_energy import ChatServing, EnergyCallbackHandler
+
+    chat = ChatServing(backend="parrot", base_url=core.base_url, model=vllm_server.served_model_name,
+                       tokenizer=vllm_server.spec.path, max_tokens=12, temperature=0.0)
+    with EnergyCallbackHandler() as energy:
+        msg = chat.invoke("Name one planet.", config={"callbacks": [energy]})
+    sent = core.engine_requests[-1]
+    assert sent["messages"] == [{"role": "user", "content": "Name one planet."}]
+    usage = httpx.post(vllm_server.base_url + "/chat/completions",
+                       json={**sent, "max_tokens": 1}, timeout=60).json()["usage"]
+    assert msg.text.strip() and msg.usage_metadata["input_tokens"] == usage["prompt_tokens"]
+    assert 1 <= msg.usage_metadata["output_tokens"] <= 13
+    assert "input_token_details" not in msg.usage_metadata      # Parrot does not say what its cache served
+    meta = msg.response_metadata
+    assert meta["model_provider"] == "parrot" and meta["ttft_s"] is None and meta["latency_s"] > 0
+    assert meta["energy"]["energy_j"] > 0 and meta["energy"]["final"]
+    chunks = list(chat.stream("Name one colour."))
+    whole = sum(chunks[1:], chunks[0])
+    assert isinstance(whole, AIMessageChunk) and whole.text.strip() and whole.usage_metadata["output_tokens"] >= 1
+
+
 async def test_refine_chain_resolves_each_summary_inside_the_server(core, vllm_server):
     before = len(core.engine_requests)
     chunks = ["Solar panels turn sunlight into electricity.", "Wind turbines turn moving air into electricity.",

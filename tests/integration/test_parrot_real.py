@@ -12,6 +12,7 @@ import pytest
 
 from chains.workloads.summarize import expected_calls
 from chains.workloads.summarize_parrot import summarize_parrot_workload
+from langchain_energy import ChatServing
 from langchain_energy.backends.base import SamplingParams
 from langchain_energy.backends.parrot import ParrotBackend
 from langchain_energy.errors import BackendUnreachableError, ParrotError
@@ -48,6 +49,14 @@ def test_serving_llm_drop_in_on_real_parrot(parrot, vllm_server):
     assert all(g[0].text.strip() for g in result.generations)
     assert all(g[0].generation_info["token_source"] == "tokenizer" for g in result.generations)
     assert result.llm_output["token_usage"]["completion_tokens"] > 0
+
+
+def test_chat_serving_drop_in_on_real_parrot(parrot, vllm_server):
+    chat = ChatServing(backend="parrot", base_url=parrot.base_url, model=vllm_server.served_model_name,
+                       tokenizer=vllm_server.spec.path, max_tokens=16, ignore_eos=True)
+    messages = chat.batch(["Name one renewable energy source.", "Name one planet."])
+    assert all(m.text.strip() and m.response_metadata["model_provider"] == "parrot" for m in messages)
+    assert all(m.usage_metadata["output_tokens"] >= 12 for m in messages)   # re-tokenized text: near the cap
 
 
 def test_ignore_eos_reaches_vllm_through_parrot(parrot, vllm_server):

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from langchain_energy import ChatServing, EngineConfig
 from langchain_energy._tools import ForcedCall, normalize_tool_choice, tool_specs
-from langchain_energy.errors import ConfigError
+from langchain_energy.errors import ConfigError, UnsupportedError
 
 URL = "http://127.0.0.1:9/v1"  # nothing listens: a call would fail, construction must not touch it
 
@@ -34,12 +34,32 @@ def test_construction_starts_nothing_and_validates():
     assert chat.server is None and chat._backend is None
     with pytest.raises(ConfigError, match="base_url"):
         ChatServing(backend="openai")
-    with pytest.raises(ConfigError, match="Parrot"):
-        ChatServing(backend="parrot", base_url=URL)
+    with pytest.raises(ConfigError, match="'parrot' needs base_url"):
+        ChatServing(backend="parrot")
     with pytest.raises(ConfigError, match="max_tokens"):
         ChatServing(max_tokens=0)
     with pytest.raises(ConfigError, match="engine knobs"):
         ChatServing(backend="openai", base_url=URL, engine=EngineConfig())
+
+
+def test_parrot_takes_one_prompt_and_refuses_what_needs_schema_decoding():
+    chat = ChatServing(backend="parrot", base_url=URL, model="m")
+    assert chat._get_ls_params()["ls_provider"] == "parrot"
+    call, forced = chat._request([HumanMessage("Name a colour.")], None, {"max_tokens": 4})
+    assert call["prompt"] == "Name a colour." and call["params"].max_tokens == 4 and forced is None
+    blocks = HumanMessage(content=[{"type": "text", "text": "Name "}, {"type": "text", "text": "a colour."}])
+    assert chat._request([blocks], None, {})[0]["prompt"] == "Name a colour."
+    with pytest.raises(ConfigError, match=r"one user message, not a conversation \(system, human\)"):
+        chat._request([SystemMessage("Be brief."), HumanMessage("Hi")], None, {})
+    with pytest.raises(ConfigError, match="text only"):
+        chat._request([HumanMessage(content=[{"type": "image", "url": "http://x/a.png"}])], None, {})
+    with pytest.raises(UnsupportedError, match="Parrot decodes no JSON schema"):
+        chat.bind_tools([get_weather], tool_choice="any")   # also a NotImplementedError, as LangChain expects
+    with pytest.raises(ConfigError, match="Parrot decodes no JSON schema"):
+        chat.with_structured_output(Add)
+    with pytest.raises(ConfigError, match="Parrot decodes no JSON schema"):
+        chat._request([HumanMessage("Hi")], None, {"response_format": {"type": "json_object"}})
+    assert chat.bind_tools([get_weather], tool_choice="none") is not None   # nothing to decode
 
 
 def test_openai_style_names_are_accepted():

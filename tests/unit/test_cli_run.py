@@ -151,7 +151,6 @@ def test_an_api_key_env_that_is_not_set_is_one_line_before_anything_starts(tmp_p
 def test_the_workloads_run_on_the_chat_model_with_every_sampling_knob_and_the_key(monkeypatch):
     from chains.harness.settings import RunSettings
     from langchain_energy.chat_models import ChatServing
-    from langchain_energy.llms import ServingLLM
 
     monkeypatch.setenv("MY_SERVER_KEY", "sk-unit-test")
     settings = RunSettings(workload="search", backend="openai", base_url="http://127.0.0.1:9/v1", temperature=0.25,
@@ -161,4 +160,4 @@ def test_the_workloads_run_on_the_chat_model_with_every_sampling_knob_and_the_ke
     assert (chat.temperature, chat.ignore_eos, chat.seed) == (0.25, True, 3)
     assert chat.api_key.get_secret_value() == "sk-unit-test" and "sk-unit-test" not in repr(chat)
     parrot = run._make_llm(RunSettings(workload="summarize", backend="parrot", base_url="http://127.0.0.1:9"), None)
-    assert isinstance(parrot, ServingLLM)  # Parrot's semantic calls stay completion-style
+    assert isinstance(parrot, ChatServing) and parrot.backend == "parrot"   # one user message per semantic call

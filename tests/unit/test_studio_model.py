@@ -1,13 +1,13 @@
-"""The Studio graphs' model: the chat class, as `chains.run` uses (the workloads are chat-style); Parrot's
-completion LLM only for Parrot. Built without starting anything."""
+"""The Studio graphs' model: the chat class, on vLLM or Parrot, as `chains.run` uses (the workloads are
+chat-style). Built without starting anything."""
 
 from __future__ import annotations
 
 from graphs._llm import studio_llm
-from langchain_energy import ChatServing, ServingLLM
+from langchain_energy import ChatServing
 
 
-def test_the_studio_graphs_run_on_the_chat_model_and_on_parrots_llm_for_parrot(monkeypatch):
+def test_the_studio_graphs_run_on_the_chat_model_on_every_backend(monkeypatch):
     for key in ("BASE_URL", "MODEL", "BACKEND"):
         monkeypatch.delenv(f"LANGCHAIN_ENERGY_{key}", raising=False)
     embedded = studio_llm()
@@ -17,4 +17,4 @@ def test_the_studio_graphs_run_on_the_chat_model_and_on_parrots_llm_for_parrot(m
     remote = studio_llm(url)
     assert isinstance(remote, ChatServing) and remote.backend == "openai" and remote.model == "tiny"
     parrot = studio_llm({"configurable": {**url["configurable"], "backend": "parrot"}})
-    assert isinstance(parrot, ServingLLM) and parrot.backend == "parrot"
+    assert isinstance(parrot, ChatServing) and parrot.backend == "parrot"

@@ -172,3 +172,12 @@ def test_the_engineers_history_holds_its_tool_call_and_the_tool_message():
     prompt, call, answer = checked["messages"]
     assert call.tool_calls[0]["name"] == "check_syntax" and isinstance(answer, ToolMessage)
     assert answer.tool_call_id == call.tool_calls[0]["id"] and answer.content == "ok"
+
+
+def test_on_parrot_the_engineer_writes_plain_text():
+    # Parrot decodes no JSON schema: the chat model refuses tools as LangChain's models without them do.
+    from chains.workloads.agentic import _tool_engineer
+    from langchain_energy import ChatServing
+
+    assert _tool_engineer(ChatServing(backend="parrot", base_url="http://127.0.0.1:9")) is None
+    assert _tool_engineer(ChatServing(backend="openai", base_url="http://127.0.0.1:9/v1")) is not None
