@@ -52,7 +52,8 @@ async def _two_workflows(llm: ServingLLM | ChatServing, scheduler: WorkflowSched
         return await workflow.ainvoke(f"Write about {name}.", config={"callbacks": [scheduler, clock], "tags": [name]})
 
     first = asyncio.ensure_future(one("wf-a"))
-    await asyncio.sleep(0.05)   # A's root run starts first; both are in flight together from then on
+    while "wf-a" not in clock.starts:   # A's first call has started; both are in flight together from then on
+        await asyncio.sleep(0.01)
     await asyncio.gather(first, one("wf-b"))
     return clock
 
