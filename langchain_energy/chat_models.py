@@ -213,7 +213,7 @@ class ChatServing(BaseChatModel):
                 self._backend = ParrotBackend(self.base_url, self.model, tokenizer=self._tokenizer_path(),
                                               request_timeout_s=self.request_timeout_s,
                                               connect_timeout=self.connect_timeout_s)
-            if self._backend is None:
+            elif self._backend is None:
                 base_url, model, health_check = self.base_url, self.model, None
                 if self.backend == "vllm":
                     self._server = shared_server(self._engine_config())
@@ -369,14 +369,12 @@ class ChatServing(BaseChatModel):
         if unknown:
             raise ConfigError(f"unknown call options for ChatServing: {', '.join(sorted(unknown))}")
         params = self._sampling(stop, **kwargs)
-        if self.backend == "parrot":
-            if response_format is not None or (specs and choice != "none"):
-                self._check_decodes_schemas("tools or structured output")
-            return {"params": params, "prompt": _parrot_prompt(messages), "request": {}, "run_id": run_id}, None
         forced = None
         if specs:
             specs = tool_specs(specs)  # already specs: a cheap check
             mode, names = normalize_tool_choice(choice, [s["function"]["name"] for s in specs])
+            if mode != "none":
+                self._check_decodes_schemas("tools")
             if mode == "forced":
                 forced = ForcedCall(tuple(s for s in specs if s["function"]["name"] in names))
                 if response_format is not None:
@@ -388,7 +386,10 @@ class ChatServing(BaseChatModel):
                     raise ConfigError(_NO_PARSER)
                 extra.update(tools=specs, tool_choice="auto")
         if response_format is not None:
+            self._check_decodes_schemas("structured output")
             extra["response_format"] = response_format
+        if self.backend == "parrot":  # (nothing to send but the prompt: tools and formats were refused above)
+            return {"params": params, "prompt": _parrot_prompt(messages), "request": {}, "run_id": run_id}, None
         request = {"messages": convert_to_openai_messages(messages), "extra": extra, "model": model}
         return {"params": params, "prompt": "", "request": request, "run_id": run_id}, forced
 
